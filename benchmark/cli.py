@@ -1,0 +1,274 @@
+"""Command line: one verb per job (DESIGN §1). Errors in the user's input print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import PRESET_OVERRIDES, Config, ConfigError, digest, parse_set, resolve, to_json
+
+
+class UsageError(ValueError):
+    """Bad input detected by a command (one line on stderr, exit code 2)."""
+
+
+def _config_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+    p.add_argument("--preset", default=None, choices=list(PRESET_OVERRIDES),
+                   help="size/budget preset (default smoke for train, quick for run)")
+    if method:
+        p.add_argument("--method", default="ours", help="registered method (see `list`)")
+    p.add_argument("--data", default=None, help="a prepared cohort folder (default: the embedded synthetic cohort)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.budget_volumes=200")
+    p.add_argument("--config", type=Path, default=None, help="JSON file of dotted keys (e.g. the best tuning trial)")
+    p.add_argument("--seed", type=int, default=None, help="shorthand for --set train.seed=N")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and its digest, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, default_preset: str = "smoke") -> Config:
+    overrides = parse_set(args.overrides)
+    if getattr(args, "data", None):
+        overrides["data.path"] = str(Path(args.data).resolve())
+    if getattr(args, "seed", None) is not None:
+        overrides["train.seed"] = args.seed
+    method = getattr(args, "method", None)
+    return resolve(args.preset or default_preset, method=method, overrides=overrides, config_file=args.config)
+
+
+def _dry_run(cfg: Config) -> int:
+    print(to_json(cfg))
+    print(f"digest: {digest(cfg)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from benchmark.catalog import load_all
+    from benchmark.registry import METHODS, METRICS, PRESETS, SUITES
+
+    load_all()
+    for registry in (METHODS, METRICS, SUITES, PRESETS):
+        print(f"{registry.kind}s:")
+        for name, doc in registry.summary():
+            print(f"  {name:<22} {doc}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dry_run:
+        return _dry_run(cfg)
+    from benchmark import runner
+
+    result = runner.train_command(cfg, resume=args.resume, progress=not args.no_progress, track=not args.no_track,
+                                  run_dir=args.run_dir, stop_after_volumes=args.stop_after_volumes)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, default_preset="quick")
+    if args.dry_run:
+        return _dry_run(cfg)
+    from benchmark import suites
+
+    return suites.run_suite(args.suite, cfg, seeds=args.seeds, progress=not args.no_progress,
+                            fresh=args.fresh)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from benchmark import runner
+
+    metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    result = runner.evaluate_command(run_id=args.run_id, checkpoint=args.checkpoint, metrics=metrics,
+                                     overrides=parse_set(args.overrides), progress=not args.no_progress)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from benchmark import generate
+
+    return generate.generate_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchmark import report
+
+    print(report.report_command(args.suite, args.format, run_id=args.run_id))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from benchmark import runner
+
+    table = runner.param_table(cfg, size=args.size)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        for method, groups in table.items():
+            parts = ", ".join(f"{k}={v / 1e6:.2f}M" for k, v in groups.items())
+            print(f"{method:<14} {parts}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from benchmark import bench
+
+    result = bench.bench_command(cfg, what=args.what, size=args.size, batch=args.batch, repeats=args.repeats)
+    print(json.dumps(result, indent=2) if args.json else bench.format_result(result))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dry_run:
+        return _dry_run(cfg)
+    from benchmark import tuning
+
+    return tuning.tune_command(cfg, trials=args.trials, study=args.study, storage=args.storage, workers=args.workers,
+                               timeout=args.timeout, progress=not args.no_progress)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "synth":
+        from benchmark.data.synthetic import synthesize_cohort
+
+        out = synthesize_cohort(Path(args.out), n=args.n, size=args.size, seed=args.seed, workers=args.workers,
+                                progress=not args.no_progress)
+        print(out)
+    elif args.data_cmd == "prepare":
+        from benchmark.data.preprocess import prepare_cohort
+
+        out = prepare_cohort(Path(args.csv), Path(args.images), Path(args.out), size=args.size,
+                             mask_dir=Path(args.mask_dir) if args.mask_dir else None, workers=args.workers,
+                             skip_bad=args.skip_bad, progress=not args.no_progress)
+        print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered methods, metrics, suites and presets")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("train", help="train one method, one seed (resumable)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--run-dir", type=Path, default=None, help="where checkpoints go (default runs/<method>-<digest>)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--stop-after-volumes", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="run a suite (train + evaluate every method, log to MLflow, print tables)")
+    p.add_argument("--suite", required=True)
+    _config_args(p, method=False)
+    p.add_argument("--seeds", type=int, default=1, help="independent trainings per method")
+    p.add_argument("--fresh", action="store_true", help="retrain even when finished child runs exist")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="score a trained run or checkpoint")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run-id")
+    g.add_argument("--checkpoint", type=Path)
+    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all for the method)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="synthesise T1 volumes for clinical vectors (paper Algorithm 3)")
+    from benchmark.generate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("report", help="rebuild a suite's tables from the MLflow store alone")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--format", default="md", choices=["md", "csv", "latex"])
+    p.add_argument("--run-id", default=None, help="a specific parent run (default: the latest finished one)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("params", help="parameter counts per component of every method")
+    _config_args(p, method=False)
+    p.add_argument("--size", type=int, default=None, help="volume size (default: the preset's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("bench", help="speed and memory: ms per training step / generated volume, peak memory")
+    _config_args(p)
+    p.add_argument("--what", default="train", choices=["train", "generate", "prior", "metrics", "depthwise",
+                                                       "synth"])
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="Optuna study over the loss weights")
+    _config_args(p)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--study", default=None)
+    p.add_argument("--storage", default=None, help="journal file path or an RDB URL (postgresql://...)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("data", help="the synthetic cohort, or preparation of a real one")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    q = dsub.add_parser("synth", help="write the embedded synthetic cohort")
+    q.add_argument("--out", required=True)
+    q.add_argument("--n", type=int, default=400)
+    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--no-progress", action="store_true")
+    q = dsub.add_parser("prepare", help="preprocess an ADNI-style cohort (RAS, crop, B-spline resample, z-score)")
+    q.add_argument("--csv", required=True)
+    q.add_argument("--images", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--mask-dir", default=None)
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--skip-bad", action="store_true", help="drop and report bad rows instead of stopping")
+    q.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from benchmark.registry import UnknownEntry
+
+    errors: list[type[BaseException]] = [ConfigError, UsageError, UnknownEntry]
+    try:
+        from benchmark.data.errors import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None, *, handler: Callable[[argparse.Namespace], int] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return (handler or args.func)(args)
+    except _user_errors() as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: a resumable checkpoint was written (rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: Any) -> str:
+    text = str(err).strip().replace("\n", " ")
+    return text if len(text) < 2000 else text[:2000] + "..."

@@ -1,0 +1,336 @@
+"""Resolved run configuration: frozen dataclasses, presets and ``--set`` overrides.
+
+A run is a pure function of its :class:`Config` and seed, so everything that changes a number lives here and
+is logged (flattened) as MLflow params; :func:`digest` names a configuration in caches and in the tracker.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad override or config file; the CLI prints the one-line message and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a prepared cohort folder; empty = the embedded synthetic cohort (created on first use)
+    synth_n: int = 24
+    synth_seed: int = 0
+    size: int = 16  # working resolution S (volumes are S^3)
+    split_seed: int = 0
+    cache_dir: str = ".cache/benchmark"
+    # Conventional 3-D augmentation of training inputs (paper §2.4 (i)), probabilities per volume.
+    p_blur: float = 0.0
+    p_noise: float = 0.0
+    p_gamma: float = 0.0
+    # DiffAugment in every discriminator update (paper §2.4 (ii), Zhao et al. 2020).
+    diffaug_policy: str = "color,translation"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: float = 1.0  # channel multiplier on the paper's widths (64->128->256->512)
+    latent_dim: int = 256
+    clinical_embed_dim: int = 64
+    style_dim: int = 256
+    mapping_layers: int = 2
+    disc_width: float = 1.0
+    disc_conditioning: str = "projection"  # "projection" or "concat"
+    perceptual_backbone: str = "efficientnet_b0"  # or "resnet3d_aux" (frozen 3-D classifier features)
+    perceptual_slices: int = 8  # slices per plane fed to the 2-D perceptual network each step
+    grad_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights of paper Eq. (2) with the values of §2.1."""
+
+    rec: float = 10.0
+    kl: float = 0.1
+    adv: float = 1.0
+    perc: float = 20.0
+    cls: float = 1.0
+    reg: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    budget_volumes: int = 480  # training budget in volumes seen, identical for every method of a suite
+    batch_size: int = 4
+    lr_g: float = 1e-4
+    lr_d: float = 1e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    val_every_volumes: int = 160
+    val_metric: str = "val_l1"  # the metric ReduceLROnPlateau and early stopping watch ("val_fid" in paper)
+    plateau_factor: float = 0.75
+    plateau_patience: int = 50  # validations without improvement before the LR drops
+    early_stop_patience: int = 500  # validations without improvement before training stops (0 = never)
+    ema_decay: float = 0.0  # EMA of the generator-side networks (0 = off)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    device: str = "auto"
+    checkpoint_every_volumes: int = 160
+    num_threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    width: int = 8  # ResNet-18 base width (64 in the paper)
+    epochs: int = 15
+    batch_size: int = 8
+    lr: float = 1e-4
+    grad_clip: float = 5.0
+    patience: int = 10
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 5e-4
+    grad_clip: float = 1.0
+    timesteps: int = 500
+    hidden: int = 256
+
+
+@dataclass(frozen=True)
+class WGANConfig:
+    z_dim: int = 128
+    width: float = 1.0
+    gp_lambda: float = 10.0
+    n_critic: int = 5
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+
+
+@dataclass(frozen=True)
+class StyleGANConfig:
+    z_dim: int = 256
+    w_dim: int = 256
+    fmaps: float = 1.0
+    mapping_layers: int = 8
+    mapping_lr_mult: float = 0.01
+    r1_gamma: float = 10.0
+    pl_weight: float = 2.0
+    pl_decay: float = 0.01
+    lazy_reg: bool = True
+    lr: float = 0.002
+    beta1: float = 0.0
+    beta2: float = 0.99
+    ema_halflife_volumes: int = 500
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_generated: int = 16  # generated volumes for FID (paper: 2000)
+    n_prior_vectors: int = 64  # clinical vectors for Table 4 (paper: 1000)
+    n_draws: int = 5  # independent generation draws for mean +- std when --seeds 1
+    n_slices: int = 32  # tri-planar slices per plane (paper: 32)
+    fid_extractor: str = "resnet18sep"  # or "medicalnet18" (needs medicalnet_weights)
+    medicalnet_weights: str = ""
+    lpips_net: str = "alex"
+    lpips_backbone: str = "pretrained"  # "random" = the offline variant, logged as lpips_triplanar_alexrand
+    batch_size: int = 8
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    config_file: str = "mlflow.yaml"
+    experiment: str = ""  # empty = named after the suite (or "train")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    lambda_low: float = 0.1  # search ranges are multiplicative around the paper's weights (log-uniform)
+    lambda_high: float = 10.0
+    objective: str = "fid"  # or "fid,bac" (multi-objective)
+    pruner_warmup: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str = "ours"
+    preset: str = "smoke"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    wgan: WGANConfig = field(default_factory=WGANConfig)
+    stylegan: StyleGANConfig = field(default_factory=StyleGANConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def _smoke() -> dict[str, Any]:
+    """16^3, 1/8 widths, 24 synthetic subjects, tens of steps: tests, < 1 min a suite on 2 cores."""
+    return {
+        "data.synth_n": 24, "data.size": 16,
+        "model.width": 0.125, "model.latent_dim": 32, "model.clinical_embed_dim": 16, "model.style_dim": 32,
+        "model.disc_width": 0.125, "model.perceptual_backbone": "resnet3d_aux", "model.perceptual_slices": 4,
+        "train.budget_volumes": 96, "train.batch_size": 4, "train.val_every_volumes": 48,
+        "train.checkpoint_every_volumes": 48, "train.plateau_patience": 2, "train.early_stop_patience": 0,
+        "heads.width": 4, "heads.epochs": 3, "prior.steps": 300, "prior.hidden": 64,
+        "wgan.z_dim": 32, "wgan.width": 0.125, "wgan.n_critic": 2,
+        "stylegan.z_dim": 32, "stylegan.w_dim": 32, "stylegan.fmaps": 0.125, "stylegan.mapping_layers": 2,
+        "eval.n_generated": 8, "eval.n_prior_vectors": 32, "eval.n_draws": 2, "eval.n_slices": 8,
+        "eval.lpips_backbone": "random", "eval.bootstrap": 200,
+    }
+
+
+def _quick() -> dict[str, Any]:
+    """32^3, 1/4 widths, 300 synthetic subjects, minutes a method: `make run` on a CPU laptop."""
+    return {
+        "data.synth_n": 300, "data.size": 32,
+        "model.width": 0.25, "model.latent_dim": 128, "model.clinical_embed_dim": 32, "model.style_dim": 128,
+        "model.disc_width": 0.25, "model.perceptual_backbone": "resnet3d_aux",
+        "train.budget_volumes": 2400, "train.batch_size": 4, "train.val_every_volumes": 480,
+        "train.checkpoint_every_volumes": 480, "train.plateau_patience": 3, "train.early_stop_patience": 0,
+        "heads.width": 8, "heads.epochs": 12, "prior.steps": 3000,
+        "wgan.z_dim": 64, "wgan.width": 0.25,
+        "stylegan.z_dim": 128, "stylegan.w_dim": 128, "stylegan.fmaps": 0.25, "stylegan.mapping_layers": 4,
+        "eval.n_generated": 64, "eval.n_prior_vectors": 200, "eval.n_draws": 3,
+        "eval.lpips_backbone": "random",
+    }
+
+
+def _paper() -> dict[str, Any]:
+    """128^3, paper widths, a prepared cohort (--data), 2000 epochs at batch 4: the paper's numbers, on GPUs."""
+    # paper §2.5: 2000 epochs of 2564 scans (~80% train) at batch 4; heads 50-60 epochs; validation FID.
+    return {
+        "data.size": 128, "model.width": 1.0, "model.disc_width": 1.0,
+        "model.perceptual_backbone": "efficientnet_b0",
+        "train.budget_volumes": 2000 * 2051, "train.batch_size": 4, "train.val_every_volumes": 20510,
+        "train.checkpoint_every_volumes": 20510, "train.val_metric": "val_fid",
+        "train.plateau_patience": 50, "train.early_stop_patience": 500,
+        "heads.width": 64, "heads.epochs": 60, "heads.patience": 10, "prior.steps": 50000,
+        "eval.n_generated": 2000, "eval.n_prior_vectors": 1000, "eval.n_slices": 32,
+        "eval.lpips_backbone": "pretrained",
+    }
+
+
+PRESET_OVERRIDES = {"smoke": _smoke, "quick": _quick, "paper": _paper}
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr_g": 1e-4, ...}``: the form logged as params and accepted by ``--set``."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """Type-check ``value`` against the default's type; ints are accepted where floats are expected."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected bool, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return ``cfg`` with dotted-key overrides; unknown keys are errors that list the valid ones."""
+    flat = flatten(cfg)
+    for key, value in overrides.items():
+        if key not in flat:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(flat))}")
+        value = _coerce(key, flat[key], value)
+        parts = key.split(".")
+        if len(parts) == 1:
+            cfg = replace(cfg, **{key: value})
+        else:
+            section = getattr(cfg, parts[0])
+            cfg = replace(cfg, **{parts[0]: replace(section, **{parts[1]: value})})
+        flat[key] = value
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``section.key=value`` strings; values are Python literals, bare words are strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if not raw or any(ch in raw for ch in "[]{}()'\",") or raw[0].isdigit():
+                raise ConfigError(f"--set {key}: malformed value {raw!r}") from None
+            value = raw  # a bare word such as resnet3d_aux
+        out[key.strip()] = value
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A JSON file of flat dotted keys (as written by ``tune`` for the best trial, or by :func:`to_json`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected an object of dotted keys")
+    return data
+
+
+def resolve(
+    preset: str = "smoke",
+    method: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    config_file: Path | None = None,
+) -> Config:
+    """Defaults <- preset <- config file <- ``--set`` overrides, in that order."""
+    if preset not in PRESET_OVERRIDES:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESET_OVERRIDES)}")
+    cfg = apply_overrides(Config(preset=preset), PRESET_OVERRIDES[preset]())
+    if config_file is not None:
+        file_values = load_config_file(config_file)
+        file_values.pop("preset", None)
+        cfg = apply_overrides(cfg, file_values)
+    if method is not None:
+        cfg = replace(cfg, method=method)
+    return apply_overrides(cfg, overrides or {})
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(flatten(cfg), indent=2, sort_keys=True)
+
+
+def digest(cfg: Config | dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
+    """Short stable hash of a (flattened) config; ``exclude`` drops keys that do not change results."""
+    flat = flatten(cfg) if not isinstance(cfg, dict) else dict(cfg)
+    for key in exclude:
+        flat.pop(key, None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def section_digest(cfg: Config, sections: tuple[str, ...], extra: dict[str, Any] | None = None) -> str:
+    """Digest of a subset of sections: shared stages (heads, prior) are keyed by what they depend on only."""
+    flat = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in sections}
+    flat.update(extra or {})
+    return digest(flat)

@@ -1,0 +1,70 @@
+"""torchrun environment, rank-0 logic and gradient all-reduce.
+
+Gradients are all-reduced by hand after every backward (as StyleGAN3 does) instead of wrapping networks in
+DistributedDataParallel: gradient penalties (WGAN-GP, R1) differentiate through ``autograd.grad`` with
+``create_graph=True``, which DDP's bucketed hooks do not see, and methods run several optimizers per step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as torch_dist
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
+    if not launched_by_torchrun() or torch_dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch_dist.init_process_group(backend=backend)
+
+
+def shutdown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks in one flat buffer (one collective per optimizer step)."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch_dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """Mean of a scalar over ranks (validation metrics)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return float(t.item() / world_size())

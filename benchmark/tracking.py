@@ -1,0 +1,286 @@
+"""Experiment tracking: the only module that imports mlflow.
+
+Everything else talks to a :class:`Tracker` (an explicit client + run id, never MLflow's global active run), so
+several runs (a suite's parent and its children, Optuna trials in worker processes) can be open at once.
+:class:`NullTracker` serves tests and ``--no-track`` runs that need no store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+PARENT_TAG = "mlflow.parentRunId"
+TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "mlflow", "optuna", "torchio", "nibabel", "lpips",
+                    "scikit-learn", "scikit-image")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """What ``mlflow.yaml`` sets; ``MLFLOW_TRACKING_URI`` in the environment wins, as in MLflow itself."""
+
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_location: str = ""
+    experiment_prefix: str = "brainmri"
+    system_metrics: bool = False
+
+    @classmethod
+    def load(cls, path: str | Path = "mlflow.yaml") -> TrackingSettings:
+        data: dict[str, Any] = {}
+        if Path(path).is_file():
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        known = {k: data[k] for k in ("tracking_uri", "artifact_location", "experiment_prefix", "system_metrics")
+                 if k in data}
+        settings = cls(**known)
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if env_uri:
+            settings = cls(**{**settings.__dict__, "tracking_uri": env_uri})
+        return settings
+
+    def experiment_name(self, suite: str) -> str:
+        return f"{self.experiment_prefix}/{suite}" if self.experiment_prefix else suite
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Tracker: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags every run carries: git commit and package versions."""
+    tags = {"git_commit": git_commit()}
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    return tags
+
+
+class NullTracker:
+    """Records nothing beyond memory (tests inspect ``metrics``); children are NullTrackers too."""
+
+    def __init__(self, name: str = "null") -> None:
+        self.run_id: str | None = None
+        self.name = name
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, Any] = {}
+        self.metrics: dict[str, list[tuple[int | None, float]]] = {}
+        self.artifacts: list[str] = []
+        self.status = "RUNNING"
+
+    def child(self, name: str, tags: dict[str, str] | None = None) -> NullTracker:
+        child = NullTracker(name)
+        child.tags.update(tags or {})
+        return child
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tags.update(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append((step, float(v)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append(str(Path(artifact_path or "") / Path(path).name))
+
+    def log_text(self, text: str, name: str) -> None:
+        self.artifacts.append(name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+
+class MlflowTracker:
+    """One MLflow run addressed by id through an explicit :class:`mlflow.MlflowClient`."""
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.run_id: str | None = run_id
+        self.experiment_id = experiment_id
+        self._system_monitor: Any = None
+
+    @classmethod
+    def start(
+        cls,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        settings: TrackingSettings | None = None,
+        parent_run_id: str | None = None,
+    ) -> MlflowTracker:
+        from mlflow import MlflowClient
+
+        settings = settings or TrackingSettings.load()
+        client = MlflowClient(tracking_uri=settings.tracking_uri)
+        experiment_id = _get_or_create_experiment(client, settings.experiment_name(experiment),
+                                                  settings.artifact_location)
+        all_tags = {**provenance_tags(), **(tags or {})}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        tracker = cls(client, run.info.run_id, experiment_id)
+        if settings.system_metrics:
+            tracker._start_system_metrics(settings.tracking_uri)
+        return tracker
+
+    @classmethod
+    def attach(cls, run_id: str, settings: TrackingSettings | None = None) -> MlflowTracker:
+        """Reopen an existing run (resume) and mark it running again."""
+        from mlflow import MlflowClient
+
+        settings = settings or TrackingSettings.load()
+        client = MlflowClient(tracking_uri=settings.tracking_uri)
+        run = client.get_run(run_id)
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id, run.info.experiment_id)
+
+    def _start_system_metrics(self, tracking_uri: str) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=False)
+            self._system_monitor.start()
+        except Exception:  # noqa: BLE001 - optional (needs psutil); never fail a run over it
+            self._system_monitor = None
+
+    def child(self, name: str, tags: dict[str, str] | None = None) -> MlflowTracker:
+        all_tags = {**provenance_tags(), **(tags or {}), PARENT_TAG: self.run_id}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return MlflowTracker(self.client, run.info.run_id, self.experiment_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        existing = self.client.get_run(self.run_id).data.params
+        items = [p for p in items if p.key not in existing]  # params are immutable; resume re-logs them
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:6000]
+
+
+def _get_or_create_experiment(client: Any, name: str, artifact_location: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location or None)
+    except Exception:  # noqa: BLE001 - another worker created it first (race between processes)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+# --- reading back (reports, resume, suite reuse) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    name: str
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def find_runs(experiment: str, filter_string: str = "", settings: TrackingSettings | None = None) -> list[RunRecord]:
+    """Runs of an experiment matching an MLflow filter string, newest first."""
+    from mlflow import MlflowClient
+
+    settings = settings or TrackingSettings.load()
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.experiment_name(experiment))
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+                              max_results=5000)
+    return [RunRecord(r.info.run_id, r.info.run_name or "", r.info.status, dict(r.data.tags), dict(r.data.params),
+                      dict(r.data.metrics)) for r in runs]
+
+
+def metric_history(run_id: str, key: str, settings: TrackingSettings | None = None) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    settings = settings or TrackingSettings.load()
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def download_artifact(run_id: str, path: str, settings: TrackingSettings | None = None) -> Path:
+    from mlflow import MlflowClient
+
+    settings = settings or TrackingSettings.load()
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    return Path(client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="bm-artifact-")))
