@@ -8,7 +8,7 @@ REGISTERING_MODULES = (
     "models.vaegan",
     "baselines.wgan_gp",
     "baselines.stylegan2",
-    "benchmark.metric_registry",
+    "benchmark.evaluation",
     "benchmark.suites",
     "benchmark.presets",
 )

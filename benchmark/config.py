@@ -47,6 +47,11 @@ class ModelConfig:
     perceptual_backbone: str = "efficientnet_b0"  # or "resnet3d_aux" (frozen 3-D classifier features)
     perceptual_slices: int = 8  # slices per plane fed to the 2-D perceptual network each step
     grad_checkpoint: bool = False
+    # 1x1x1 conv to this many channels at 1/8 resolution before the flatten (and after the decoder's linear):
+    # what makes the paper's parameter counts possible (arithmetic in models/vaegan.py).
+    bottleneck_channels: int = 2
+    adv_loss: str = "lsgan"  # "lsgan" (PatchGAN reference code), "bce" (non-saturating) or "hinge"
+    aux_on_prior: bool = False  # L_cls/L_reg also on a volume decoded from z ~ p(z|c), not only on x_hat
 
 
 @dataclass(frozen=True)

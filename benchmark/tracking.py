@@ -255,16 +255,21 @@ class RunRecord:
     metrics: dict[str, float]
 
 
-def find_runs(experiment: str, filter_string: str = "", settings: TrackingSettings | None = None) -> list[RunRecord]:
-    """Runs of an experiment matching an MLflow filter string, newest first."""
+def find_runs(experiment: str | None, filter_string: str = "", settings: TrackingSettings | None = None
+              ) -> list[RunRecord]:
+    """Runs matching an MLflow filter string, newest first; ``experiment=None`` searches every experiment."""
     from mlflow import MlflowClient
 
     settings = settings or TrackingSettings.load()
     client = MlflowClient(tracking_uri=settings.tracking_uri)
-    exp = client.get_experiment_by_name(settings.experiment_name(experiment))
-    if exp is None:
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    else:
+        exp = client.get_experiment_by_name(settings.experiment_name(experiment))
+        ids = [exp.experiment_id] if exp is not None else []
+    if not ids:
         return []
-    runs = client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+    runs = client.search_runs(ids, filter_string=filter_string, order_by=["attributes.start_time DESC"],
                               max_results=5000)
     return [RunRecord(r.info.run_id, r.info.run_name or "", r.info.status, dict(r.data.tags), dict(r.data.params),
                       dict(r.data.metrics)) for r in runs]

@@ -1,0 +1,74 @@
+"""Figures people would rather look at than read: tri-planar slice grids (paper Fig. 3), volume scatter (Fig. 4).
+
+Matplotlib's object API (no pyplot state); PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+
+def _save(fig: object, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+    os.replace(tmp, path)
+    return path
+
+
+def central_slices(volume: Tensor | np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal, sagittal central slices of a [1,S,S,S] or [S,S,S] RAS volume, oriented for display."""
+    v = np.asarray(volume.detach().cpu() if isinstance(volume, Tensor) else volume, dtype=np.float32)
+    v = v.reshape(v.shape[-3:])
+    i, j, k = (s // 2 for s in v.shape)
+    return [np.rot90(v[:, :, k]), np.rot90(v[:, j, :]), np.rot90(v[i, :, :])]
+
+
+def triplanar_grid(rows: Mapping[str, Tensor | np.ndarray], path: Path, title: str = "") -> Path:
+    """One row per named volume, columns axial / coronal / sagittal; a shared grey scale per row."""
+    from matplotlib.figure import Figure
+
+    n = len(rows)
+    fig = Figure(figsize=(6.0, 2.1 * n))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for r, (name, vol) in enumerate(rows.items()):
+        planes = central_slices(vol)
+        lo, hi = np.percentile(np.concatenate([p.ravel() for p in planes]), [1, 99])
+        for col, (plane, label) in enumerate(zip(planes, ("axial", "coronal", "sagittal"), strict=True)):
+            ax = axes[r][col]
+            ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def volume_scatter(measured: np.ndarray, requested: np.ndarray, structures: Mapping[str, tuple[int, int]],
+                   stats: Mapping[str, float], path: Path) -> Path:
+    """Measured vs requested bilateral volume ratio per structure, with Pearson r (paper Fig. 4)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.0 * len(structures), 3.6))
+    axes = fig.subplots(1, len(structures), squeeze=False)[0]
+    for ax, (name, (left, right)) in zip(axes, structures.items(), strict=True):
+        req = requested[:, left] + requested[:, right]
+        mea = measured[:, left] + measured[:, right]
+        ax.scatter(req, mea, s=8, alpha=0.6)
+        lo, hi = float(min(req.min(), mea.min())), float(max(req.max(), mea.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        r = stats.get(f"{name}_r", float("nan"))
+        ax.set_title(f"{name} (r = {r:.2f})", fontsize=10)
+        ax.set_xlabel("requested ratio")
+        ax.set_ylabel("measured ratio")
+    return _save(fig, path)

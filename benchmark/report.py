@@ -1,0 +1,209 @@
+"""Tables (markdown, CSV, LaTeX) and figures rebuilt from the MLflow store alone.
+
+``python -m benchmark report --suite table2`` finds the latest finished parent run of the suite and renders its
+child runs; ``run`` calls the same renderer, so the printed table and the report are the same table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmark.tracking import PARENT_TAG, RunRecord, TrackingSettings, find_runs
+
+EXT = {"md": "md", "csv": "csv", "latex": "tex"}
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str  # metric key (prefix match for lpips variants)
+    scale: float = 1.0
+    digits: int = 3
+    lower_is_better: bool = True
+
+
+IMAGE_COLUMNS = (
+    Column("#Params (M)", "params_total", 1e-6, 1),
+    Column("FID", "fid_resnet18sep", 1.0, 2),
+    Column("SSIM", "ssim_triplanar", 1.0, 3, lower_is_better=False),
+    Column("LPIPS", "lpips_triplanar_alex", 1.0, 3),
+)
+CLINICAL_COLUMNS = (
+    Column("BAC (%)", "bac", 100.0, 1, lower_is_better=False),
+    Column("ROI MSE (x1e-5)", "roi_mse", 1e5, 2),
+    Column("hippocampus r", "volume_hippocampus_r", 1.0, 2, lower_is_better=False),
+    Column("amygdala r", "volume_amygdala_r", 1.0, 2, lower_is_better=False),
+    Column("ventricle r", "volume_lateral_ventricle_r", 1.0, 2, lower_is_better=False),
+)
+PRIOR_COLUMNS = ("mmd", "c2st_accuracy", "correlation_error")
+
+
+def _resolve_key(metrics: dict[str, float], key: str) -> str | None:
+    if key in metrics:
+        return key
+    variants = sorted(k for k in metrics if k.startswith(key) and not k.endswith(("_std", "_ci_low", "_ci_high")))
+    return variants[0] if variants else None
+
+
+def _cell(runs: list[RunRecord], col: Column) -> tuple[str, str]:
+    """('mean ± std', metric name actually used) over seeds, or with the run's own spread for one seed."""
+    key = None
+    for r in runs:
+        key = key or _resolve_key(r.metrics, col.key)
+    if key is None:
+        reasons = {r.tags.get(f"unavailable.{col.key}", "") for r in runs} - {""}
+        return ("n/a" + (f" ({next(iter(reasons))[:60]})" if reasons else ""), "")
+    values = np.array([r.metrics[key] for r in runs if key in r.metrics]) * col.scale
+    if len(values) > 1:
+        mean, std = float(values.mean()), float(values.std(ddof=1))
+    else:
+        mean = float(values[0])
+        std_key = f"{key}_std"
+        std = runs[0].metrics.get(std_key, float("nan")) * col.scale
+    if col.key == "params_total":
+        return (f"{mean:.{col.digits}f}", key)
+    text = f"{mean:.{col.digits}f}" + ("" if math.isnan(std) else f" ± {std:.{col.digits}f}")
+    return text, key
+
+
+def children(parent_run_id: str, experiment: str, settings: TrackingSettings | None = None) -> list[RunRecord]:
+    return [r for r in find_runs(experiment, f"tags.`{PARENT_TAG}` = '{parent_run_id}'", settings=settings)]
+
+
+def latest_parent(suite: str, experiment: str | None = None, settings: TrackingSettings | None = None
+                  ) -> RunRecord:
+    from benchmark.cli import UsageError
+
+    runs = find_runs(experiment or suite, f"tags.suite = '{suite}' and tags.kind = 'suite'", settings=settings)
+    finished = [r for r in runs if r.status in ("FINISHED", "FAILED")]
+    if not finished:
+        uri = (settings or TrackingSettings.load()).tracking_uri
+        raise UsageError(f"no finished `{suite}` suite run in the MLflow store {uri}; run it first")
+    return finished[0]
+
+
+def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord]) -> tuple[list[str], list[list[str]],
+                                                                                         str]:
+    from benchmark.registry import SUITES
+    from benchmark.suites import Suite  # noqa: F401 - registers the suites
+
+    suite = SUITES.get(suite_name)
+    if suite.prior_eval:
+        header = ["Metric", "Value"]
+        rows = [[k.removeprefix("prior."), f"{v:.4f}"] for k, v in sorted((parent.metrics if parent else {}).items())
+                if k.startswith("prior.")]
+        return header, rows, "MMD: RBF, median heuristic; C2ST: cross-validated accuracy (0.5 = indistinguishable)."
+    columns = CLINICAL_COLUMNS if suite.real_row else IMAGE_COLUMNS
+    by_method: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in kids:
+        by_method[r.tags.get("method", r.name)].append(r)
+    header = ["Method"] + [c.header for c in columns]
+    rows = []
+    used: dict[str, str] = {}
+    if suite.real_row and parent is not None:
+        real = RunRecord("", "Real", "", {}, {}, {k.removeprefix("real."): v for k, v in parent.metrics.items()
+                                                  if k.startswith("real.")})
+        rows.append(["Real (test split)"] + [_cell([real], c)[0] for c in columns])
+    for method in suite.methods:
+        runs = [r for r in by_method.get(method, []) if r.status == "FINISHED"]
+        if not runs:
+            failed = by_method.get(method)
+            rows.append([method] + (["FAILED" if failed else "missing"] * len(columns)))
+            continue
+        cells = []
+        for c in columns:
+            text, key = _cell(runs, c)
+            cells.append(text)
+            if key:
+                used[c.header] = key
+        rows.append([method] + cells)
+    n_seeds = max((len(v) for v in by_method.values()), default=1)
+    if n_seeds > 1:
+        note = f"± = standard deviation over {n_seeds} seeds (independent trainings)."
+    else:
+        note = ("± = FID: std over independent generation draws; SSIM/LPIPS: std over test subjects "
+                "(bootstrap 95% CIs in MLflow as *_ci_low/_ci_high); one training seed.")
+    if used:
+        note += " Metrics: " + ", ".join(f"{h} = {k}" for h, k in used.items()) + "."
+    if parent is not None:
+        note += (f" Data: {parent.tags.get('data_source', '?')}; split {parent.tags.get('split_fingerprint', '?')};"
+                 f" preset {parent.tags.get('preset', '?')}.")
+    return header, rows, note
+
+
+def render(header: list[str], rows: list[list[str]], note: str, fmt: str, title: str) -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(header)
+        writer.writerows(rows)
+        return buf.getvalue()
+    if fmt == "latex":
+        lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex(title)}. {_tex(note)}}}",
+                 r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
+                 " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in rows]
+        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    sep = "| " + " | ".join("-" * w for w in widths) + " |"
+    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    return "\n".join([f"### {title}", "", line, sep, *body, "", note, ""])
+
+
+def _tex(text: str) -> str:
+    return (text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
+            .replace("#", r"\#").replace("±", r"$\pm$"))
+
+
+def render_suite(suite: str, fmt: str = "md", parent_run_id: str | None = None,
+                 settings: TrackingSettings | None = None, experiment: str | None = None) -> str:
+    from benchmark.registry import SUITES
+
+    if suite == "all":
+        return "\n".join(render_suite(s, fmt, None, settings) for s in ("table2", "table3", "table4", "prior"))
+    experiment = experiment or suite
+    if parent_run_id is None:
+        parent = latest_parent(suite, experiment, settings)
+    else:
+        parent = next(r for r in find_runs(experiment, "", settings=settings) if r.run_id == parent_run_id)
+    kids = children(parent.run_id, experiment, settings)
+    header, rows, note = table_rows(suite, parent, kids)
+    return render(header, rows, note, fmt, SUITES.get(suite).title)
+
+
+def report_command(suite: str, fmt: str, run_id: str | None = None) -> str:
+    from benchmark.catalog import load_all
+
+    load_all()
+    return render_suite(suite, fmt, parent_run_id=run_id)
+
+
+def log_figures(suite: Any, parent: Any, stages: Any, cfg: Any) -> None:
+    """Paper Fig. 3: one test subject's real slices beside a sample of every method of the suite."""
+    import nibabel as nib
+
+    from benchmark.figures import triplanar_grid
+    from benchmark.runner import default_run_dir
+
+    if not suite.methods:
+        return
+    from dataclasses import replace
+
+    x, _ = stages.bundle.tensors("test")
+    rows: dict[str, Any] = {"real": x[0]}
+    for method in suite.methods:
+        path = default_run_dir(replace(cfg, method=method)) / "samples" / "sample_0.nii.gz"
+        if path.is_file():
+            rows[method] = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    out = Path("runs") / f"fig3-{suite.name}.png"
+    parent.log_artifact(triplanar_grid(rows, out, title=f"{suite.name}: real vs generated"), "figures")

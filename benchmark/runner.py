@@ -1,0 +1,320 @@
+"""run(cfg, tracker) -> result: the only place that trains a method and then evaluates it.
+
+A method's run folder (``runs/<method>-<digest>``) holds its checkpoint, resolved config, split and final
+metrics JSON; the MLflow run id is stored there too, so ``--resume`` continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark import dist
+from benchmark.config import Config, digest, flatten, to_json
+from benchmark.data.bundle import DataBundle, load_bundle
+from benchmark.registry import METHODS
+from benchmark.tracking import MlflowTracker, NullTracker, Tracker
+
+RUNS_DIR = Path("runs")
+# Keys that change neither training nor results (where files go, progress, evaluation sizes for train-only digests).
+NON_RESULT_KEYS = ("tracking.config_file", "tracking.experiment", "train.device", "train.num_threads")
+
+
+@dataclass
+class SharedStages:
+    """What every method of a suite shares: data, frozen heads, diffusion prior."""
+
+    bundle: DataBundle
+    heads: Any
+    heads_info: dict[str, Any]
+    prior: Any
+    prior_info: dict[str, Any]
+    heads_key: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def run_digest(cfg: Config) -> str:
+    return digest(cfg, exclude=NON_RESULT_KEYS)
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return RUNS_DIR / f"{cfg.method}-{run_digest(cfg)}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_stages(cfg: Config, progress: bool = True) -> SharedStages:
+    from benchmark.stages import get_heads, get_prior, heads_digest
+
+    bundle = load_bundle(cfg, progress=progress)
+    heads, heads_info = get_heads(cfg, bundle, progress=progress)
+    prior, prior_info = get_prior(cfg, bundle, progress=progress)
+    tags = {"data_source": bundle.source, "split_fingerprint": bundle.fingerprint, "preset": cfg.preset,
+            "heads_digest": heads_info.get("digest", ""), "prior_digest": prior_info.get("digest", "")}
+    return SharedStages(bundle, heads, heads_info, prior, prior_info, heads_digest(cfg, bundle), tags)
+
+
+def build_method(cfg: Config, heads: Any = None) -> Any:
+    from benchmark.catalog import load_all
+
+    load_all()
+    return METHODS.get(cfg.method)(cfg, heads=heads)
+
+
+def _batch_sources(cfg: Config, bundle: DataBundle) -> tuple[Any, Any]:
+    from benchmark.train import BatchSource
+
+    transform = None
+    if cfg.data.p_blur or cfg.data.p_noise or cfg.data.p_gamma:
+        from benchmark.data.augment import conventional_transform
+
+        transform = conventional_transform(cfg.data.p_blur, cfg.data.p_noise, cfg.data.p_gamma)
+    train_src = BatchSource(bundle.dataset("train"), cfg.train.batch_size, cfg.train.seed, transform=transform,
+                            normalize=bundle.normalizer.transform)
+    val_src = BatchSource(bundle.dataset("val"), min(cfg.train.batch_size, len(bundle.dataset("val"))), seed=12345,
+                          normalize=bundle.normalizer.transform)
+    return train_src, val_src
+
+
+def _val_fid_validator(cfg: Config, stages: SharedStages) -> Any:
+    """Validation FID against the validation split (paper §2.5 schedules LR and early stopping on it)."""
+    from dataclasses import replace
+
+    from benchmark.evaluation import EvalContext
+    from metrics.fid import compute_features, fid_from_stats
+
+    def validator(method: Any) -> dict[str, float]:
+        small = replace(cfg, eval=replace(cfg.eval, n_draws=1))
+        ctx = EvalContext(small, method, stages.bundle, stages.heads, stages.prior, stages.heads_key,
+                          device=next(method.parameters()).device)
+        n = max(len(stages.bundle.dataset("val")), 16)
+        stats = compute_features(ctx.extractor, (x for x, _ in ctx.generate(n, 0)), batch_size=cfg.eval.batch_size)
+        return {"val_fid": fid_from_stats(stats, ctx.real_stats("val"))}
+
+    return validator
+
+
+def run_method(
+    cfg: Config,
+    stages: SharedStages,
+    tracker: Tracker,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    metric_names: Sequence[str] | None = None,
+    stop_after_volumes: int | None = None,
+) -> dict[str, Any]:
+    """Train one method x seed on the shared stages, evaluate it, log everything; returns the final metrics."""
+    from benchmark.evaluation import EvalContext, evaluate, method_metrics
+    from benchmark.train import train
+
+    run_dir = run_dir or default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    method = build_method(cfg, stages.heads)
+    tags = {**stages.tags, "method": cfg.method, "config_digest": run_digest(cfg), "seed": str(cfg.train.seed),
+            "perceptual_backbone": getattr(method, "perceptual_backbone_name", "none")}
+    if dist.is_main():
+        tracker.log_params(flatten(cfg))
+        tracker.set_tags(tags)
+        tracker.log_metrics({f"stage.{k}": v for k, v in stages.heads_info.items() if isinstance(v, float)})
+        (run_dir / "config.json").write_text(to_json(cfg) + "\n")
+        stages.bundle.split.save(run_dir / "split.json")
+    train_src, val_src = _batch_sources(cfg, stages.bundle)
+    validator = _val_fid_validator(cfg, stages) if cfg.train.val_metric == "val_fid" else None
+    result = train(method, cfg, train_src, run_dir, tracker=tracker, val_data=val_src, extra_validator=validator,
+                   resume=resume, progress=progress, stop_after_volumes=stop_after_volumes)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    summary: dict[str, Any] = {"method": cfg.method, "volumes_seen": result.state.volumes_seen,
+                               "steps": result.state.step, "stopped_early": result.state.stopped_early}
+    budget_done = result.state.volumes_seen >= cfg.train.budget_volumes or result.state.stopped_early
+    if not budget_done or not dist.is_main():
+        return {**summary, "finished": False}
+    device = next(method.parameters()).device
+    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key, device=device,
+                      progress=progress)
+    metrics = evaluate(ctx, list(metric_names or method_metrics(method)))
+    # Timings go to the tracker only: metrics.json stays a pure function of config and seed.
+    tracker.log_metrics({"time_train_s": result.state.elapsed_s, "time_per_volume_ms": _inference_ms(ctx)})
+    tracker.log_metrics(metrics)
+    tracker.set_tags({**ctx.notes, "evaluated": "1"})
+    _log_artifacts(ctx, tracker, run_dir, cfg)
+    final = {**summary, "finished": True, "metrics": metrics, "notes": ctx.notes}
+    write_json_atomic(run_dir / "metrics.json", final)
+    tracker.log_artifact(run_dir / "metrics.json")
+    return final
+
+
+def _inference_ms(ctx: Any) -> float:
+    """Median wall time to generate one volume at batch 1 (paper §3.5 / Table S1), after one warm-up."""
+    import time
+
+    c = ctx.prior_vectors(1, draw=0).to(ctx.device) if ctx.method.conditional else None
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        ctx.method.sample(1, c, generator=torch.Generator().manual_seed(0))
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return float(sorted(times[1:])[1] * 1000)
+
+
+def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> None:
+    """Slice grid (real vs output), a few generated NIfTI volumes, the resolved config, split and final weights."""
+    from benchmark.figures import triplanar_grid, volume_scatter
+    from benchmark.generate import write_nifti
+
+    x, c = ctx.test()
+    rows: dict[str, Any] = {"real": x[0]}
+    if ctx.method.has_encoder:
+        rows["reconstruction"] = ctx.method.reconstruct(x[:1].to(ctx.device), c[:1].to(ctx.device))[0].cpu()
+    sample, _ = next(ctx.generate(min(2, cfg.eval.batch_size), draw=99, c=c[:2] if ctx.method.conditional else None))
+    rows["sample"] = sample[0]
+    grid = triplanar_grid(rows, run_dir / "slices.png", title=cfg.method)
+    tracker.log_artifact(grid, "figures")
+    for i, vol in enumerate(sample[:2]):
+        path = write_nifti(vol, run_dir / "samples" / f"sample_{i}.nii.gz")
+        tracker.log_artifact(path, "samples")
+    if "volumetry_points" in ctx._cache:
+        from benchmark.data.contract import STRUCTURES
+
+        measured, requested = ctx._cache["volumetry_points"]
+        from metrics.volumetry import consistency
+
+        fig = volume_scatter(measured, requested, STRUCTURES, consistency(measured, requested),
+                             run_dir / "volumes.png")
+        tracker.log_artifact(fig, "figures")
+    tracker.log_artifact(run_dir / "config.json")
+    tracker.log_artifact(run_dir / "split.json")
+    weights = run_dir / "weights.pt"
+    tmp = weights.with_name(".weights.pt.tmp")
+    torch.save({"method": ctx.method.state_dict(), "config": flatten(cfg),
+                "normalizer": ctx.bundle.normalizer.state_dict(), "heads_digest": ctx.heads_key,
+                "prior": ctx.prior.state_dict()}, tmp)
+    os.replace(tmp, weights)
+    tracker.log_artifact(weights, "weights")
+
+
+def open_tracker(cfg: Config, experiment: str, run_name: str, run_dir: Path | None, track: bool) -> Tracker:
+    """A new MLflow run, or the one recorded in ``run_dir`` (resume); a NullTracker when tracking is off."""
+    if not track or not dist.is_main():
+        return NullTracker(run_name)
+    id_file = run_dir / "mlflow_run_id" if run_dir else None
+    if id_file is not None and id_file.is_file():
+        try:
+            return MlflowTracker.attach(id_file.read_text().strip())
+        except Exception:  # noqa: BLE001 - store was deleted or moved: start a fresh run
+            pass
+    tracker = MlflowTracker.start(cfg.tracking.experiment or experiment, run_name)
+    if id_file is not None:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(str(tracker.run_id))
+    return tracker
+
+
+def train_command(cfg: Config, *, resume: bool, progress: bool, track: bool, run_dir: Path | None,
+                  stop_after_volumes: int | None = None) -> dict[str, Any]:
+    """``python -m benchmark train``: one method, one seed, tracked in the ``train`` experiment."""
+    from benchmark.catalog import load_all
+    from benchmark.train import resolve_device
+
+    load_all()
+    METHODS.get(cfg.method)  # an unknown method fails before any data is touched
+    dist.init_from_env(resolve_device(cfg.train.device))
+    run_dir = run_dir or default_run_dir(cfg)
+    if not resume and (run_dir / "checkpoint.pt").exists() and dist.is_main():
+        (run_dir / "checkpoint.pt").unlink()
+        (run_dir / "mlflow_run_id").unlink(missing_ok=True)
+    stages = prepare_stages(cfg, progress=progress and dist.is_main())
+    tracker = open_tracker(cfg, "train", f"{cfg.method}-seed{cfg.train.seed}", run_dir, track)
+    try:
+        result = run_method(cfg, stages, tracker, run_dir=run_dir, resume=resume, progress=progress,
+                            stop_after_volumes=stop_after_volumes)
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    finally:
+        dist.shutdown()
+    tracker.finish("FINISHED" if result.get("finished") else "RUNNING")
+    return {**result, "run_dir": str(run_dir), "run_id": tracker.run_id}
+
+
+def load_trained(checkpoint: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, Any, SharedStages]:
+    """Rebuild a trained method (and its shared stages) from a run folder's weights.pt or checkpoint.pt."""
+    from benchmark.config import apply_overrides, resolve
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "weights.pt" if (path / "weights.pt").is_file() else path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    flat = dict(payload["config"])
+    cfg = resolve(flat.pop("preset"), method=flat.pop("method"))
+    cfg = apply_overrides(cfg, {**flat, **(overrides or {})})
+    stages = prepare_stages(cfg, progress=False)
+    method = build_method(cfg, stages.heads)
+    method.setup_ema(cfg.train.ema_decay)
+    method.load_state_dict(payload["method"])
+    method.eval()
+    return cfg, method, stages
+
+
+def evaluate_command(run_id: str | None, checkpoint: Path | None, metrics: list[str] | None,
+                     overrides: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """``python -m benchmark evaluate``: re-score any saved run or checkpoint."""
+    from benchmark.evaluation import EvalContext, evaluate, method_metrics
+
+    if run_id is not None:
+        from benchmark.tracking import download_artifact
+
+        checkpoint = download_artifact(run_id, "weights/weights.pt")
+    cfg, method, stages = load_trained(checkpoint, overrides)
+    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key, progress=progress)
+    values = evaluate(ctx, metrics or method_metrics(method))
+    return {"method": cfg.method, "metrics": values, "notes": ctx.notes}
+
+
+def param_table(cfg: Config, size: int | None = None) -> dict[str, dict[str, int]]:
+    """Parameter counts per component of every registered method at ``size`` (meta device: nothing allocated)."""
+    from dataclasses import replace
+
+    from benchmark.catalog import load_all
+    from benchmark.evaluation import count_params
+
+    load_all()
+    cfg = replace(cfg, data=replace(cfg.data, size=size or cfg.data.size))
+    table: dict[str, dict[str, int]] = {}
+    for name, factory in METHODS.items():
+        with torch.device("meta"):
+            method = factory(replace(cfg, method=name), heads=_MetaHeads())
+        groups = {k: count_params(m) for k, m in method.param_groups().items()}
+        groups["total"] = sum(groups.values())
+        extra = getattr(method, "frozen_param_counts", lambda: {})()
+        for k, v in extra.items():
+            groups[f"frozen_{k}"] = v
+        table[name] = groups
+    return table
+
+
+class _MetaHeads:
+    """Stands in for the frozen heads when only counting parameters (they are not part of any generator)."""
+
+    def losses(self, x: Any, c: Any) -> dict[str, Any]:  # pragma: no cover - never called when counting
+        raise RuntimeError("meta heads are for parameter counting only")
+
+    def features(self, x: Any) -> Any:  # pragma: no cover
+        raise RuntimeError("meta heads are for parameter counting only")

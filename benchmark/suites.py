@@ -1,0 +1,166 @@
+"""Suites as pure data (which methods x which metrics), and the driver that runs one under a parent MLflow run.
+
+Shared stages (data, heads, prior, real feature statistics) are computed once; each method x seed is a child run;
+a finished child with the same config digest is reused, an unfinished one resumes from its checkpoint; a failing
+method is recorded as failed and the others go on (non-zero exit at the end, with a summary).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import Config
+from benchmark.evaluation import CLINICAL_METRICS, TABLE_METRICS
+from benchmark.registry import SUITES
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A table of the paper: rows are methods, columns metrics."""
+
+    name: str
+    title: str
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    real_row: bool = False  # Table 4's "Real" column: the frozen heads on the test split
+    prior_eval: bool = False  # evaluate the diffusion prior (paper §3.4, Fig. 5)
+
+
+def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, ...], **kw: Any) -> Suite:
+    suite = Suite(name, title, methods, metrics, **kw)
+    suite.__doc__ = title
+    SUITES.add(name, suite)
+    return suite
+
+
+TABLE2 = _suite("table2", "Table 2: ablations of the 3D VAE-GAN (#params, FID, SSIM, LPIPS)",
+                ("vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"), TABLE_METRICS)
+TABLE3 = _suite("table3", "Table 3: baselines on identical data, splits, resolution and budget",
+                ("wgan_gp", "stylegan2", "ours"), TABLE_METRICS)
+TABLE4 = _suite("table4", "Table 4: clinical consistency (BAC, ROI MSE x1e-5, volumetric consistency)",
+                ("ours", "ours_noaux"), CLINICAL_METRICS, real_row=True)
+PRIOR = _suite("prior", "Diffusion prior vs real clinical vectors (MMD, C2ST, W1, correlation; Fig. 5)", (), (),
+               prior_eval=True)
+ALL = ("table2", "table3", "table4", "prior")
+SUITES.add("all", Suite("all", "Every table: table2, table3, table4, prior", (), ()))
+SUITES.get("all").__doc__ = "Every table: table2, table3, table4 and prior, sharing stages and finished runs"
+
+
+def _child_tags(cfg: Config, suite: str) -> dict[str, str]:
+    from benchmark.runner import run_digest
+
+    return {"suite": suite, "method": cfg.method, "seed": str(cfg.train.seed), "config_digest": run_digest(cfg)}
+
+
+def _finished_child(suite: str, cfg: Config) -> Any:
+    """A FINISHED run of this exact config in the suite's experiment (reused instead of retraining)."""
+    from benchmark.runner import run_digest
+    from benchmark.tracking import find_runs
+
+    runs = find_runs(None, f"tags.config_digest = '{run_digest(cfg)}' and attributes.status = 'FINISHED' "
+                     f"and tags.method = '{cfg.method}'")
+    return next((r for r in runs if r.tags.get("evaluated") == "1" and "reused_from" not in r.tags), None)
+
+
+def run_suite(name: str, cfg: Config, *, seeds: int = 1, progress: bool = True, fresh: bool = False) -> int:
+    """Run a suite (or ``all``) and print its tables; returns the exit code."""
+    names = ALL if name == "all" else (SUITES.get(name).name,)
+    failures: list[str] = []
+    for suite_name in names:
+        failures += _run_one(SUITES.get(suite_name), cfg, seeds=seeds, progress=progress, fresh=fresh)
+    if failures:
+        print(f"\n{len(failures)} run(s) failed: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bool) -> list[str]:
+    from benchmark import report
+    from benchmark.runner import default_run_dir, prepare_stages, run_method
+    from benchmark.tracking import MlflowTracker, TrackingSettings
+
+    t0 = time.perf_counter()
+    stages = prepare_stages(cfg, progress=progress)
+    experiment = cfg.tracking.experiment or suite.name
+    parent = MlflowTracker.start(experiment, f"{suite.name}-{cfg.preset}",
+                                 tags={**stages.tags, "suite": suite.name, "seeds": str(seeds),
+                                       "kind": "suite"})
+    parent.log_params({"suite": suite.name, "preset": cfg.preset, "seeds": seeds,
+                       "methods": ",".join(suite.methods)})
+    parent.log_metrics({f"stage.{k}": v for k, v in stages.heads_info.items() if isinstance(v, float)})
+    failures: list[str] = []
+    timings: dict[str, float] = {}
+    for method in suite.methods:
+        for seed in range(seeds):
+            mcfg = replace(cfg, method=method, train=replace(cfg.train, seed=cfg.train.seed + seed))
+            label = f"{method}-seed{mcfg.train.seed}"
+            done = None if fresh else _finished_child(experiment, mcfg)
+            if done is not None:
+                child = parent.child(label, tags={**_child_tags(mcfg, suite.name), "reused_from": done.run_id})
+                child.log_params({k: v for k, v in done.params.items()})
+                child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
+                child.log_metrics(done.metrics)
+                child.finish("FINISHED")
+                print(f"[{suite.name}] {label}: reused finished run {done.run_id}")
+                continue
+            run_dir = default_run_dir(mcfg)
+            child = parent.child(label, tags=_child_tags(mcfg, suite.name))
+            print(f"[{suite.name}] {label}: training ({mcfg.train.budget_volumes} volumes) in {run_dir}")
+            start = time.perf_counter()
+            try:
+                run_method(mcfg, stages, child, run_dir=run_dir, resume=True, progress=progress)
+                child.finish("FINISHED")
+            except KeyboardInterrupt:
+                child.finish("KILLED")
+                parent.finish("KILLED")
+                raise
+            except Exception as err:  # noqa: BLE001 - one failing method must not stop the suite
+                child.set_tags({"error": f"{type(err).__name__}: {err}"[:4000]})
+                child.log_text(traceback.format_exc(), "error.txt")
+                child.finish("FAILED")
+                failures.append(f"{suite.name}/{label}: {type(err).__name__}: {err}")
+                print(f"[{suite.name}] {label}: FAILED ({type(err).__name__}: {err})", file=sys.stderr)
+            timings[label] = time.perf_counter() - start
+    if suite.real_row:
+        from benchmark.evaluation import EvalContext, real_clinical_metrics
+
+        ctx = EvalContext(cfg, None, stages.bundle, stages.heads, stages.prior, stages.heads_key)
+        parent.log_metrics({f"real.{k}": v for k, v in real_clinical_metrics(ctx).items()})
+    if suite.prior_eval:
+        _evaluate_prior(cfg, stages, parent)
+    parent.log_metrics({f"time.{k}": v for k, v in timings.items()})
+    parent.log_metrics({"time.total_s": time.perf_counter() - t0})
+    settings = TrackingSettings.load(cfg.tracking.config_file)
+    text = report.render_suite(suite.name, fmt="md", parent_run_id=parent.run_id, settings=settings,
+                               experiment=experiment)
+    print(text)
+    for fmt in ("md", "csv", "latex"):
+        parent.log_text(report.render_suite(suite.name, fmt=fmt, parent_run_id=parent.run_id, settings=settings,
+                                            experiment=experiment), f"tables/{suite.name}.{report.EXT[fmt]}")
+    report.log_figures(suite, parent, stages, cfg)
+    parent.finish("FAILED" if failures else "FINISHED")
+    return failures
+
+
+def _evaluate_prior(cfg: Config, stages: Any, parent: Any) -> None:
+    """Prior vs the test split's clinical vectors (paper §3.4), with KDE and PCA figures."""
+    import numpy as np
+    import torch
+
+    from benchmark.data.contract import ROI_NAMES
+    from metrics.prior import plot_kde, plot_pca, prior_report
+
+    real = np.asarray(stages.bundle.normalizer.transform(stages.bundle.raw_clinical("test")))
+    n = max(cfg.eval.n_prior_vectors, len(real))
+    fake = np.asarray(stages.prior.sample(n, generator=torch.Generator().manual_seed(cfg.train.seed)))
+    parent.log_metrics({f"prior.{k}": v for k, v in prior_report(real, fake).items()})
+    out = Path("runs") / "prior"
+    raw_real = np.asarray(stages.bundle.normalizer.inverse(torch.as_tensor(real)))
+    raw_fake = np.asarray(stages.bundle.normalizer.inverse(torch.as_tensor(fake)))
+    parent.log_artifact(plot_kde(raw_real, raw_fake, list(ROI_NAMES), out / "prior_kde.png"), "figures")
+    parent.log_artifact(plot_pca(real, fake, out / "prior_pca.png"), "figures")
