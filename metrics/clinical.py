@@ -7,7 +7,6 @@ the clinical vectors the volumes were generated from.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from benchmark.data.contract import N_ROI

@@ -123,7 +123,10 @@ class MedicalNet18(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv3d(self._c, c_out, 1, stride=stride, bias=False), nn.BatchNorm3d(c_out)
                 )
-        blocks = [_BasicBlock(self._c, c_out, stride, dilation, downsample), _BasicBlock(c_out, c_out, 1, dilation, None)]
+        blocks = [
+            _BasicBlock(self._c, c_out, stride, dilation, downsample),
+            _BasicBlock(c_out, c_out, 1, dilation, None),
+        ]
         self._c = c_out
         return nn.Sequential(*blocks)
 
@@ -156,7 +159,9 @@ def load_medicalnet18(path: str | Path | None) -> FrozenBackboneExtractor:
         )
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("conv_seg")}
+    state = {
+        k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("conv_seg")
+    }
     shortcut = "B" if any(".downsample." in k for k in state) else "A"
     model = MedicalNet18(shortcut=shortcut)
     model.load_state_dict(state, strict=True)

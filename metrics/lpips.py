@@ -9,6 +9,7 @@ network in every process.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,9 @@ def get_lpips_model(net: str = "alex", backbone: str = "pretrained") -> nn.Modul
 
         # The random backbone draws from torch's global RNG: fork it so the network is always the same one
         # and callers' random streams are left untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # lpips 0.1.4 still passes torchvision's deprecated `pretrained=` argument.
+            warnings.filterwarnings("ignore", message=".*(pretrained|weights).*deprecated", category=UserWarning)
             torch.manual_seed(RANDOM_BACKBONE_SEED)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=(backbone == "random"), verbose=False)
         _MODELS[key] = model.eval().requires_grad_(False)
