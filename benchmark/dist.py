@@ -68,3 +68,36 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return float(t.item() / world_size())
+
+
+class SyncBatchNorm3d(torch.nn.BatchNorm3d):
+    """BatchNorm3d whose training statistics span every rank's share of the global batch.
+
+    ``torch.nn.SyncBatchNorm`` is CUDA-only; this one all-reduces (count, sum, sum of squares) with the
+    autograd-aware collective, so it also runs on gloo/CPU, and a k-process step normalises exactly like a
+    one-process step over the same global batch. Without a process group it is a plain BatchNorm3d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, 2, 3, 4]
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = torch.cat([count, x.sum(dims), x.square().sum(dims)])
+        stats = all_reduce(stats)
+        n = stats[0]
+        mean = stats[1 : 1 + x.shape[1]] / n
+        var = stats[1 + x.shape[1] :] / n - mean.square()
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        shape = (1, -1, 1, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y

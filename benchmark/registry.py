@@ -50,7 +50,8 @@ class Registry(Generic[T]):
         """(name, first docstring line) per entry."""
         out = []
         for name, obj in self._entries.items():
-            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            # data entries (suites) describe themselves by a title; code entries by their docstring
+            doc = (getattr(obj, "title", None) or getattr(obj, "__doc__", None) or "").strip().splitlines()
             out.append((name, doc[0] if doc else ""))
         return out
 

@@ -33,7 +33,6 @@ class Suite:
 
 def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, ...], **kw: Any) -> Suite:
     suite = Suite(name, title, methods, metrics, **kw)
-    suite.__doc__ = title
     SUITES.add(name, suite)
     return suite
 
@@ -47,8 +46,8 @@ TABLE4 = _suite("table4", "Table 4: clinical consistency (BAC, ROI MSE x1e-5, vo
 PRIOR = _suite("prior", "Diffusion prior vs real clinical vectors (MMD, C2ST, W1, correlation; Fig. 5)", (), (),
                prior_eval=True)
 ALL = ("table2", "table3", "table4", "prior")
-SUITES.add("all", Suite("all", "Every table: table2, table3, table4, prior", (), ()))
-SUITES.get("all").__doc__ = "Every table: table2, table3, table4 and prior, sharing stages and finished runs"
+SUITES.add("all", Suite("all", "Every table: table2, table3, table4 and prior, sharing stages and finished runs",
+                        (), ()))
 
 
 def _child_tags(cfg: Config, suite: str) -> dict[str, str]:
