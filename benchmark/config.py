@@ -105,7 +105,7 @@ class PriorConfig:
     lr: float = 5e-4
     grad_clip: float = 1.0
     timesteps: int = 500
-    hidden: int = 256
+    hidden: int = 128
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,12 @@ def mmd_rbf(x: ArrayLike, y: ArrayLike, bandwidth: float | None = None) -> float
         x: [N, D] sample, y: [M, D] sample (N, M >= 2).
         bandwidth: kernel width; default the median pairwise distance of the pooled sample.
     Returns:
-        MMD^2 estimate; about 0 (it can be slightly negative) when x and y come from one distribution.
+        MMD^2 estimate; about 0 (it can be slightly negative) when x and y come from one distribution; NaN when a
+        sample has fewer than two points (the unbiased estimate is undefined).
     """
     a, b = _as_2d(x), _as_2d(y)
     if len(a) < 2 or len(b) < 2:
-        raise ValueError("mmd_rbf needs at least two points per sample")
+        return float("nan")
     sigma = bandwidth if bandwidth is not None else median_bandwidth(np.concatenate([a, b]))
     gamma = 1.0 / (2.0 * sigma**2)
     kxx = np.exp(-gamma * cdist(a, a, "sqeuclidean"))
@@ -76,15 +77,16 @@ def c2st_accuracy(real: ArrayLike, fake: ArrayLike, seed: int = 0, folds: int = 
     Args:
         real: [N, D], fake: [M, D].
         seed: seeds the subsampling, the stratified folds and the classifier.
-        folds: stratified K-fold splits.
+        folds: stratified K-fold splits (fewer when a sample has fewer points).
     Returns:
-        mean held-out accuracy: 0.5 = indistinguishable, 1.0 = fully separable.
+        mean held-out accuracy: 0.5 = indistinguishable, 1.0 = fully separable; NaN below two points per sample.
     """
     a, b = _as_2d(real), _as_2d(fake)
     rng = np.random.default_rng(seed)
     n = min(len(a), len(b))
-    if n < folds:
-        raise ValueError(f"c2st_accuracy needs at least {folds} points per sample")
+    if n < 2:
+        return float("nan")
+    folds = min(folds, n)
     a = a[rng.choice(len(a), n, replace=False)] if len(a) > n else a
     b = b[rng.choice(len(b), n, replace=False)] if len(b) > n else b
     features = np.concatenate([a, b])

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from benchmark.config import Config
-from benchmark.dist import all_reduce_gradients
+from benchmark.dist import all_reduce_gradients, rank, world_size
 
 
 class GenerativeMethod(nn.Module):
@@ -79,6 +79,20 @@ class GenerativeMethod(nn.Module):
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+
+    def batch_noise(self, kind: str, local_n: int, shape: tuple[int, ...], step: int, device: torch.device,
+                    uniform: bool = False) -> Tensor:
+        """Noise for this rank's share of the GLOBAL batch, a pure function of (seed, step, kind).
+
+        Drawing the whole global batch's noise and slicing it makes a k-process run take exactly the same
+        random numbers as a one-process run with the same global batch (so their weights agree), and makes
+        resumed runs replay the same noise without restoring RNG state.
+        """
+        salt = sum((i + 1) * ord(ch) for i, ch in enumerate(kind))
+        g = torch.Generator(device="cpu").manual_seed((self.cfg.train.seed * 1_000_003 + step) * 7919 + salt)
+        full_shape = (local_n * world_size(), *shape)
+        full = torch.rand(full_shape, generator=g) if uniform else torch.randn(full_shape, generator=g)
+        return full[rank() * local_n : (rank() + 1) * local_n].to(device)
 
     def setup_ema(self, decay: float) -> None:
         if decay > 0:

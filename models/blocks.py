@@ -1,14 +1,29 @@
 """Convolution blocks shared by our model and the StyleGAN2 baseline.
 
-The modulation maths (StyleGAN2, Karras et al. 2020, Eq. 1-3) lives in :func:`modulated_conv3d` once; the
-separable variant and the baseline's full-kernel variant both call it.
+The modulation maths (StyleGAN2, Karras et al. 2020, Eq. 1-3) lives in :func:`modulated_conv3d` and
+:func:`demodulation` once; the baseline's full-kernel layers call the first, our layers the second.
+
+Our layers (paper §2.4) are built from two kernels:
+
+- :class:`SeparableConv3d`: Xception factorisation (Chollet 2017), a depthwise k^3 convolution per input channel
+  followed by a pointwise 1x1x1 channel mix: ``Cin * k^3 + Cin * Cout`` weights instead of ``Cin * Cout * k^3``.
+- :class:`ModulatedSeparableConv3d` / :class:`ModulatedConv3d`: the same kernels modulated per sample by a style
+  vector and demodulated (StyleGAN2). The style conv "SC" that mixes channels after every up-sample is a
+  modulated 1x1x1 convolution (:func:`style_conv`).
+
+:func:`conv3x3x3` and :func:`modulated_conv3x3x3` are the switch between separable and standard 3x3x3 kernels, so
+the Table 2 rows ``vae``/``vaegan`` (standard) and ``xvaegan``... (separable) share one block structure.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def demodulation(weight_sq: Tensor, styles: Tensor, eps: float = 1e-8) -> Tensor:
@@ -43,3 +58,235 @@ def modulated_conv3d(
     x = x.reshape(1, n * cin, *x.shape[2:])
     out = F.conv3d(x, w.reshape(n * cout, cin, *weight.shape[2:]), padding=padding, groups=n)
     return out.reshape(n, cout, *out.shape[2:])
+
+
+# --- depthwise kernel --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _fast_depthwise() -> Callable[..., Tensor] | None:
+    """``models.depthwise.depthwise_conv3d`` when that module is importable (looked up once, on first use)."""
+    try:
+        from models.depthwise import depthwise_conv3d
+    except ImportError:
+        return None
+    return depthwise_conv3d
+
+
+def _depthwise(x: Tensor, w: Tensor, padding: int, stride: int = 1) -> Tensor:
+    """Depthwise 3-D convolution, ``F.conv3d(x, w, padding=padding, stride=stride, groups=C)``.
+
+    Args:
+        x: [N, C, D, H, W].
+        w: [C, 1, k, k, k].
+    Returns:
+        [N, C, D', H', W'].
+
+    Stride 1 goes through the fast kernel of ``models.depthwise`` when it exists (PERFORMANCE.md: PyTorch's CPU
+    depthwise backward is the bottleneck of separable convs); strided calls (the discriminator only) use PyTorch.
+    """
+    fast = _fast_depthwise() if stride == 1 else None
+    if fast is not None:
+        return fast(x, w, padding=padding)
+    return F.conv3d(x, w, padding=padding, stride=stride, groups=x.shape[1])
+
+
+# --- initialisation ----------------------------------------------------------------------------------------------
+
+
+class StyleAffine(nn.Linear):
+    """Style vector w -> per-input-channel scales s (StyleGAN2 "A" blocks); the bias starts at 1 so s ~ 1."""
+
+
+def _xavier_uniform_(weight: Tensor, fan_in: int, fan_out: int, gain: float) -> None:
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+def xavier_init_(module: nn.Module, gain: float = 1.0) -> nn.Module:
+    """Xavier-uniform weights and zero biases for every conv/linear in ``module`` (paper §2.5); returns it.
+
+    Grouped (depthwise) kernels count fans per group: torch's own ``xavier_uniform_`` takes fan_out of a
+    [C, 1, k, k, k] depthwise kernel as C * k^3, which would shrink its init by ~sqrt(C); here it is k^3 as for one
+    channel's filter. :class:`StyleAffine` biases start at 1 (StyleGAN2), so modulation starts near identity.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d | nn.Conv2d | nn.Conv1d):
+            taps = math.prod(m.kernel_size)
+            _xavier_uniform_(m.weight, m.in_channels // m.groups * taps, m.out_channels // m.groups * taps, gain)
+        elif isinstance(m, nn.Linear):
+            _xavier_uniform_(m.weight, m.in_features, m.out_features, gain)
+        elif isinstance(m, SeparableConv3d | ModulatedSeparableConv3d):
+            taps = math.prod(m.depthwise_weight.shape[2:])
+            _xavier_uniform_(m.depthwise_weight, taps, taps, gain)
+            if isinstance(m, ModulatedSeparableConv3d):
+                cout, cin = m.pointwise_weight.shape
+                _xavier_uniform_(m.pointwise_weight, cin, cout, gain)
+        elif isinstance(m, ModulatedConv3d):
+            taps = math.prod(m.weight.shape[2:])
+            _xavier_uniform_(m.weight, m.weight.shape[1] * taps, m.weight.shape[0] * taps, gain)
+        else:
+            continue
+        bias = getattr(m, "bias", None)
+        if isinstance(bias, Tensor):
+            with torch.no_grad():
+                bias.fill_(1.0 if isinstance(m, StyleAffine) else 0.0)
+    return module
+
+
+class ScaledLeakyReLU(nn.Module):
+    """LeakyReLU(0.2) times sqrt(2 / (1 + 0.2^2)), the gain that keeps unit activation variance (He et al. 2015).
+
+    StyleGAN2 scales its activations the same way. Xavier-initialised layers preserve variance only for linear
+    maps, and every plain LeakyReLU halves it: through the ~12 layers between z and the decoder output the signal
+    would start at ~1e-2 of the target's scale, and Adam at lr 1e-4 needs thousands of steps just to undo that.
+    """
+
+    def __init__(self, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.negative_slope = negative_slope
+        self.gain = math.sqrt(2.0 / (1.0 + negative_slope**2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x, self.negative_slope) * self.gain
+
+
+# --- separable and standard kernels ------------------------------------------------------------------------------
+
+
+class SeparableConv3d(nn.Module):
+    """Depthwise k^3 conv per channel, then a pointwise 1x1x1 conv (Xception factorisation, paper §2.4).
+
+    ``[N, Cin, D, H, W] -> [N, Cout, D', H', W']`` with "same" padding (D' = ceil(D / stride)). One bias, after the
+    pointwise conv (a depthwise bias would only be mixed into it). Parameters: ``Cin * k^3 + Cin * Cout + Cout``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.stride = stride
+        self.padding = kernel_size // 2
+        self.depthwise_weight = nn.Parameter(torch.empty(in_channels, 1, *(kernel_size,) * 3))
+        self.pointwise = nn.Conv3d(in_channels, out_channels, 1, bias=bias)
+        xavier_init_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(_depthwise(x, self.depthwise_weight, self.padding, self.stride))
+
+
+def conv3x3x3(in_channels: int, out_channels: int, separable: bool, stride: int = 1, bias: bool = True) -> nn.Module:
+    """The switch between a :class:`SeparableConv3d` and a standard ``nn.Conv3d`` (3x3x3, "same" padding)."""
+    if separable:
+        return SeparableConv3d(in_channels, out_channels, 3, stride=stride, bias=bias)
+    return xavier_init_(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias))
+
+
+# --- modulated kernels -------------------------------------------------------------------------------------------
+
+
+class ModulatedSeparableConv3d(nn.Module):
+    """StyleGAN2 modulation/demodulation of a separable kernel, driven by a style vector w.
+
+    The effective kernel is ``W[o, i, k] = P[o, i] * Dw[i, k]`` (pointwise P: [Cout, Cin], depthwise Dw:
+    [Cin, k^3]). Modulating and demodulating only Dw would cancel the style (each depthwise filter would be
+    renormalised by its own scale), so the modulation acts on the input channels of W and the demodulation on its
+    output channels: ``W'[n, o, i, k] = d[n, o] * P[o, i] * s[n, i] * Dw[i, k]`` with
+    ``d[n, o] = 1 / sqrt(sum_i P[o, i]^2 * s[n, i]^2 * ||Dw_i||^2)``.
+
+    Computed as "scale input -> depthwise -> pointwise -> scale output", which equals the grouped convolution with W'
+    exactly (:meth:`forward_grouped`, a test checks both) because the per-sample factors s and d commute with the
+    shared spatial kernels. Why this path: it keeps the separable cost (``Cin * k^3 + Cin * Cout`` MACs per voxel,
+    shared weights, so the fast depthwise kernel and channels-last layouts apply), whereas the grouped path
+    materialises N dense [Cout, Cin, k^3] kernels and runs a groups=N dense convolution (``Cin * Cout * k^3`` MACs
+    per voxel, ~27x more at 256 channels).
+
+    ``forward(x [N, Cin, D, H, W], w [N, style_dim]) -> [N, Cout, D, H, W]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, style_dim: int, kernel_size: int = 3,
+                 demodulate: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        self.padding = kernel_size // 2
+        self.demodulate = demodulate
+        self.affine = StyleAffine(style_dim, in_channels)
+        self.depthwise_weight = nn.Parameter(torch.empty(in_channels, 1, *(kernel_size,) * 3))
+        self.pointwise_weight = nn.Parameter(torch.empty(out_channels, in_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        xavier_init_(self)
+
+    def styles(self, w: Tensor) -> Tensor:
+        """[N, style_dim] -> [N, Cin] modulation scales."""
+        return self.affine(w)
+
+    def weight_sq(self) -> Tensor:
+        """[Cout, Cin] sum over taps of the squared effective kernel, ``P[o, i]^2 * ||Dw_i||^2``."""
+        return self.pointwise_weight.square() * self.depthwise_weight.square().flatten(1).sum(1)
+
+    def effective_weight(self) -> Tensor:
+        """[Cout, Cin, k, k, k] dense kernel ``P[o, i] * Dw[i, k]`` (reference path and tests)."""
+        return self.pointwise_weight[:, :, None, None, None] * self.depthwise_weight[:, 0].unsqueeze(0)
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        s = self.styles(w)
+        n, cin = s.shape
+        h = _depthwise(x * s.view(n, cin, 1, 1, 1), self.depthwise_weight, self.padding)
+        h = F.conv3d(h, self.pointwise_weight[:, :, None, None, None])
+        if self.demodulate:
+            h = h * demodulation(self.weight_sq(), s).view(n, -1, 1, 1, 1)
+        return h if self.bias is None else h + self.bias.view(1, -1, 1, 1, 1)
+
+    def forward_grouped(self, x: Tensor, w: Tensor) -> Tensor:
+        """The same map through :func:`modulated_conv3d` with the explicit effective kernel (slow; reference)."""
+        out = modulated_conv3d(x, self.effective_weight(), self.styles(w), self.demodulate, self.padding)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
+
+
+class ModulatedConv3d(nn.Module):
+    """StyleGAN2 modulated/demodulated convolution with a dense k^3 kernel (k = 1 is the style conv "SC").
+
+    Same "scale input -> conv -> scale output" evaluation as :class:`ModulatedSeparableConv3d` (exactly equal to
+    the grouped path of :func:`modulated_conv3d`, :meth:`forward_grouped`), so the kernel is shared across the
+    batch and cuDNN/oneDNN run one ordinary convolution.
+
+    ``forward(x [N, Cin, D, H, W], w [N, style_dim]) -> [N, Cout, D, H, W]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, style_dim: int, kernel_size: int = 1,
+                 demodulate: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        self.padding = kernel_size // 2
+        self.demodulate = demodulate
+        self.affine = StyleAffine(style_dim, in_channels)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(kernel_size,) * 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        xavier_init_(self)
+
+    def styles(self, w: Tensor) -> Tensor:
+        """[N, style_dim] -> [N, Cin] modulation scales."""
+        return self.affine(w)
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        s = self.styles(w)
+        n, cin = s.shape
+        h = F.conv3d(x * s.view(n, cin, 1, 1, 1), self.weight, padding=self.padding)
+        if self.demodulate:
+            h = h * demodulation(self.weight.square().flatten(2).sum(2), s).view(n, -1, 1, 1, 1)
+        return h if self.bias is None else h + self.bias.view(1, -1, 1, 1, 1)
+
+    def forward_grouped(self, x: Tensor, w: Tensor) -> Tensor:
+        """Reference path through :func:`modulated_conv3d` (tests)."""
+        out = modulated_conv3d(x, self.weight, self.styles(w), self.demodulate, self.padding)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
+
+
+def style_conv(in_channels: int, out_channels: int, style_dim: int) -> ModulatedConv3d:
+    """The decoder's "SC" channel mixer (paper §2.4): a modulated, demodulated 1x1x1 convolution."""
+    return ModulatedConv3d(in_channels, out_channels, style_dim, kernel_size=1)
+
+
+def modulated_conv3x3x3(in_channels: int, out_channels: int, style_dim: int, separable: bool) -> nn.Module:
+    """The switch between a modulated separable (sd_c3, paper Fig. 2-B) and a modulated standard 3x3x3 conv."""
+    if separable:
+        return ModulatedSeparableConv3d(in_channels, out_channels, style_dim, 3)
+    return ModulatedConv3d(in_channels, out_channels, style_dim, 3)

@@ -1,0 +1,120 @@
+"""The two-stage augmentation of paper §2.4: conventional 3-D transforms, then differentiable augmentation.
+
+(i) `conventional_transform`: torchio RandomBlur / RandomNoise / RandomGamma, each with its own probability, on one
+training volume [1,S,S,S] (torchio reads 4-D tensors as C,W,H,D).
+(ii) `diff_augment`: DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training")
+in 3-D: brightness, saturation, contrast and translation (and optional cutout), applied to real and generated
+batches alike in every adversarial update. Every op is differentiable w.r.t. x, so gradients reach the generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def conventional_transform(p_blur: float, p_noise: float, p_gamma: float):  # noqa: ANN201 - tio.Compose, lazily imported
+    """torchio Compose of RandomBlur, RandomNoise and RandomGamma with the given probabilities.
+
+    Ranges suit volumes z-scored inside the brain: blur SD up to 1 voxel, noise SD up to 0.1 (a tenth of the brain's
+    intensity SD), log-gamma within ±0.3 (torchio applies sign(I)|I|^γ to negative intensities). Returns a callable
+    mapping a [1,S,S,S] tensor to a [1,S,S,S] tensor; torchio seeds from torch's global generator.
+    """
+    import torchio as tio  # ~2 s import (SimpleITK); only training needs it
+
+    for name, p in (("p_blur", p_blur), ("p_noise", p_noise), ("p_gamma", p_gamma)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    return tio.Compose(
+        [
+            tio.RandomBlur(std=(0.0, 1.0), p=p_blur),
+            tio.RandomNoise(std=(0.0, 0.1), p=p_noise),
+            tio.RandomGamma(log_gamma=(-0.3, 0.3), p=p_gamma),
+        ]
+    )
+
+
+def _uniform(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """U(0,1) draws made on the CPU (so a CPU generator serves any device), moved to x's device and dtype."""
+    return torch.rand(shape, generator=generator).to(device=x.device, dtype=x.dtype)
+
+
+def rand_brightness(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Add U(-0.5, 0.5) per sample."""
+    return x + (_uniform(x, (x.shape[0],) + (1,) * (x.dim() - 1), generator) - 0.5)
+
+
+def rand_saturation(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scale the deviation from the channel mean by U(0, 2) per sample (a no-op for one channel, as in Zhao)."""
+    mean = x.mean(dim=1, keepdim=True)
+    return (x - mean) * (_uniform(x, (x.shape[0],) + (1,) * (x.dim() - 1), generator) * 2.0) + mean
+
+
+def rand_contrast(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scale around the per-sample mean by U(0.5, 1.5)."""
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return (x - mean) * (_uniform(x, (x.shape[0],) + (1,) * (x.dim() - 1), generator) + 0.5) + mean
+
+
+def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift each sample by up to `ratio` of each spatial size, zero padded (index gather: exact and differentiable)."""
+    n = x.shape[0]
+    out = x
+    for axis in range(2, x.dim()):
+        size = x.shape[axis]
+        reach = int(size * ratio + 0.5)
+        if reach == 0:
+            continue
+        shift = (_uniform(x, (n,), generator) * (2 * reach + 1)).floor().long().clamp(max=2 * reach) - reach
+        # Output voxel i reads input voxel i - shift; out-of-range reads land on a zero pad at index 0.
+        index = torch.arange(size, device=x.device)[None, :] - shift.to(x.device)[:, None] + 1  # [N, size]
+        index = index.clamp(0, size + 1)
+        padded = F.pad(out.movedim(axis, -1), (1, 1))  # [..., size + 2], zero at both ends
+        view = [n] + [1] * (padded.dim() - 2) + [size]
+        gathered = torch.gather(padded, -1, index.view(view).expand(*padded.shape[:-1], size))
+        out = gathered.movedim(-1, axis)
+    return out
+
+
+def rand_cutout(x: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero one random box of `ratio` times each spatial size per sample."""
+    n, spatial = x.shape[0], x.shape[2:]
+    mask = torch.ones((n, 1, *spatial), device=x.device, dtype=x.dtype)
+    sizes = [max(1, int(s * ratio + 0.5)) for s in spatial]
+    starts = [(_uniform(x, (n,), generator) * (s + 1 - k)).floor().long() for s, k in zip(spatial, sizes, strict=True)]
+    grids = torch.meshgrid(*[torch.arange(s, device=x.device) for s in spatial], indexing="ij")
+    for i in range(n):
+        inside = torch.ones(spatial, dtype=torch.bool, device=x.device)
+        for grid, start, k in zip(grids, starts, sizes, strict=True):
+            inside &= (grid >= int(start[i])) & (grid < int(start[i]) + k)
+        mask[i, 0][inside] = 0
+    return x * mask
+
+
+AUGMENTS: dict[str, list[Callable[..., torch.Tensor]]] = {
+    "color": [rand_brightness, rand_saturation, rand_contrast],
+    "translation": [rand_translation],
+    "cutout": [rand_cutout],
+}
+
+
+def diff_augment(
+    x: torch.Tensor, policy: str = "color,translation", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """DiffAugment in 3-D on [N,C,D,H,W]: same shape out, differentiable w.r.t. x.
+
+    Args:
+        x: batch [N,C,D,H,W].
+        policy: comma-separated subset of "color", "translation", "cutout"; "" is the identity.
+        generator: CPU torch.Generator; the same generator state gives the same draws (on any device).
+    """
+    if x.dim() != 5:
+        raise ValueError(f"diff_augment expects [N,C,D,H,W], got shape {tuple(x.shape)}")
+    for name in filter(None, (p.strip() for p in policy.split(","))):
+        if name not in AUGMENTS:
+            raise ValueError(f"unknown DiffAugment policy {name!r}; known: {', '.join(AUGMENTS)}")
+        for op in AUGMENTS[name]:
+            x = op(x, generator=generator)
+    return x.contiguous()

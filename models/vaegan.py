@@ -1,0 +1,650 @@
+"""Our method (paper §2) and its Table 2/4 ablations: one 3-D VAE-GAN with switches, registered per row.
+
+Rows (:data:`VARIANTS`), all from :class:`VAEGANMethod`:
+
+======================  =========  ===========  ========  ==========  ===  =================================
+key                     separable  adversarial  clinical  perceptual  aux  paper
+======================  =========  ===========  ========  ==========  ===  =================================
+``vae``                 -          -            -         -           -    Table 2 "3D VAE"
+``vaegan``              -          x            -         -           -    Table 2 "3D VAE-GAN"
+``xvaegan``             x          x            -         -           -    Table 2 "3D Xception-based VAE-GAN"
+``xvaegan_clin``        x          x            x         -           -    Table 2 "+ Clinical conditions"
+``ours``                x          x            x         x           x    Table 2 "+ Perceptual loss" (full)
+``ours_noaux``          x          x            x         x           -    Table 4 "w/o Cls/Reg loss"
+======================  =========  ===========  ========  ==========  ===  =================================
+
+Architecture (paper §2.4, channels at ``cfg.model.width`` = 1, volume S^3, b = S / 8):
+
+- Encoder: four Xception stages of two 3x3x3 convs (separable, or standard for ``vae``/``vaegan``), each followed by
+  LeakyReLU(0.2) with its variance-preserving gain (:class:`models.blocks.ScaledLeakyReLU`, used everywhere here),
+  64 -> 128 -> 256 -> 512 channels, 3-D max-pooling after the first three (S -> S/8 = b). A 1x1x1 conv then reduces
+  512 channels to ``cfg.model.bottleneck_channels`` (r = 2) before the flatten (r b^3), the MLP embedding of c is
+  concatenated (clinical rows), and two linear heads give mu_e and log sigma_e^2 (log variances throughout).
+  Weights: Xavier uniform (paper §2.5), biases 0, style-affine biases 1.
+- Clinical prior p(z|c): an MLP c -> embedding -> (mu_p, log sigma_p^2); N(0, I) for non-clinical rows.
+- Decoder: z -> linear -> r x b^3 -> 1x1x1 conv to 512 channels; three stages of upsample x2 (trilinear) ->
+  SC (style conv: modulated 1x1x1 channel mixer) -> modulated separable 3x3x3 (sd_c3, mod/demod by w), each followed
+  by the scaled LeakyReLU; a final 1x1x1 conv to one channel (linear output: intensities are z-scores). The style w
+  comes from a mapping MLP on c (``style_dim``, ``mapping_layers``). Non-clinical rows use plain 1x1x1 and plain 3x3x3
+  (separable or standard) convs instead.
+- Discriminator: 3-D PatchGAN (Isola et al. 2017): C(64)-C(128)-C(256)-C(512)-C(1), strides 2, 2, 2, 1, 1, LeakyReLU
+  0.2, instance norm from the second layer (a batch of 4 volumes is too small for batch statistics, and the real and
+  fake halves of one call must not share them); standard 4x4x4 kernels for ``vaegan`` (11.05M at paper width),
+  separable 3x3x3 for the Xception rows ("same" padding for the stride-1 layers so 16^3 inputs keep a 2^3 map).
+  Clinical rows condition it on c by projection (Miyato & Koyama 2018; ``cfg.model.disc_conditioning``): the patch
+  score adds <embed(c), h> / sqrt(C) at every patch, h the last hidden map; ``"concat"`` appends c as 7 constant
+  input channels instead. Output: [N, 1, S/8, S/8, S/8] patch scores.
+
+Why the bottleneck (parameter arithmetic at width 1, 128^3, latent k = 256; the paper says "flatten" but its counts
+rule out a flatten of the 512 x 16^3 map: 2 heads x 2,097,152 x 256 = 1.07B parameters). With r channels the linear
+layers hold 2 (r 4096 + 1) k (encoder heads) + (k + 1) r 4096 (decoder) = 3.15M r; r = 2 gives 6.29M, which with
+the convolutions reproduces every Table 2 row within 8% (see :func:`paper_param_counts` and tests/test_vaegan.py):
+
+- ``vae``: encoder 14.05M (standard convs) + 4.19M (heads) + decoder 2.50M + 2.11M (fc) = 22.85M (paper 24.6M, -7%).
+- ``vaegan``: + standard PatchGAN 11.05M = 33.90M (paper 35.7M, -5%).
+- ``xvaegan``: encoder 0.56M + 4.19M, decoder 0.27M + 2.11M, separable PatchGAN 0.20M = 7.33M (paper 7.9M, -7%).
+- ``xvaegan_clin``: + style affines 0.35M, mapping 0.07M, prior 0.04M, encoder c-embedding and wider heads 0.04M,
+  projection 4k = 7.83M (paper 8.1M, -3.4%; the paper's +0.2M increment is ours +0.49M).
+- ``ours``: + EfficientNet-B0 5.29M (frozen, counted as the paper does) = 13.12M (paper 13.2M, -0.6%).
+
+Training (paper §2.5, Algorithm 1) in :meth:`VAEGANMethod.training_step`: (1) encoder + decoder + prior + mapping
+take one Adam step (lr ``lr_g``) on Eq. (2): lambda_rec L1 + lambda_KL KL(q(z|x,c) || p(z|c)) + lambda_adv L_adv(G)
++ lambda_perc L_perc + lambda_cls L_cls + lambda_reg L_reg, where L_cls/L_reg are the frozen heads' losses on the
+reconstruction x_hat (and, with ``cfg.model.aux_on_prior``, also on a volume decoded from z ~ p(z|c)); (2) the
+discriminator takes one Adam step (lr ``lr_d``) on real x vs x_hat.detach(). DiffAugment (``cfg.data.diffaug_policy``)
+transforms every volume D sees, in both steps, as Zhao et al. prescribe (D never sees un-augmented volumes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from benchmark.config import Config
+from benchmark.data.contract import CLINICAL_DIM
+from benchmark.registry import METHODS
+from models.base import GenerativeMethod
+from models.blocks import ScaledLeakyReLU, SeparableConv3d, conv3x3x3, modulated_conv3x3x3, style_conv, xavier_init_
+from models.losses import gan_d_loss, gan_g_loss, kl_diag_gaussians, l1_reconstruction, weighted_total
+from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
+
+STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
+DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
+LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32; never reached in normal training
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The ablation switches of Table 2/4 (see the module docstring for the rows)."""
+
+    separable: bool = True  # Xception separable convs (else standard 3x3x3)
+    adversarial: bool = True  # PatchGAN discriminator and L_adv
+    clinical: bool = True  # encoder gets c, learned prior p(z|c), style modulation by c, conditional D
+    perceptual: bool = True  # L_perc
+    aux: bool = True  # L_cls + L_reg through the frozen heads
+
+    def __post_init__(self) -> None:
+        if self.aux and not self.clinical:
+            raise ValueError("aux (L_cls/L_reg against c) needs a clinical variant")
+
+
+VARIANTS: dict[str, Variant] = {
+    "vae": Variant(separable=False, adversarial=False, clinical=False, perceptual=False, aux=False),
+    "vaegan": Variant(separable=False, adversarial=True, clinical=False, perceptual=False, aux=False),
+    "xvaegan": Variant(separable=True, adversarial=True, clinical=False, perceptual=False, aux=False),
+    "xvaegan_clin": Variant(separable=True, adversarial=True, clinical=True, perceptual=False, aux=False),
+    "ours": Variant(separable=True, adversarial=True, clinical=True, perceptual=True, aux=True),
+    "ours_noaux": Variant(separable=True, adversarial=True, clinical=True, perceptual=True, aux=False),
+}
+
+
+class ClinicalLossProvider(Protocol):
+    """What L_cls/L_reg need from the frozen heads (``models.heads.ClinicalHeads``).
+
+    ``losses(x [N, 1, D, H, W], c [N, 7] standardised, label at index 6) -> {"cls": scalar, "reg": scalar}``,
+    differentiable w.r.t. x.
+    """
+
+    def losses(self, x: Tensor, c: Tensor) -> dict[str, Tensor]: ...
+
+
+def _ch(base: int, width: float) -> int:
+    return max(1, round(base * width))
+
+
+def _act() -> nn.Module:
+    return ScaledLeakyReLU(0.2)
+
+
+def _expanding_gain(fan_in: int, fan_out: int) -> float:
+    """Xavier gain that gives weight variance 1 / fan_in (signal-preserving) to a layer that widens the signal."""
+    return math.sqrt((fan_in + fan_out) / (2.0 * fan_in))
+
+
+def _check_size(size: int) -> None:
+    if size < 16 or size % 8:
+        raise ValueError(f"the VAE-GAN needs a volume size that is a multiple of 8 and >= 16, got {size}")
+
+
+def _run(module: nn.Module, use_checkpoint: bool, *args: Tensor) -> Tensor:
+    """``module(*args)``, recomputed in backward instead of stored when gradient checkpointing is on."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class ClinicalEmbedding(nn.Sequential):
+    """MLP c [N, 7] -> [N, dim] (two linear layers, LeakyReLU), the "embedded c" of paper Fig. 1-A."""
+
+    def __init__(self, dim: int, clinical_dim: int = CLINICAL_DIM) -> None:
+        super().__init__(nn.Linear(clinical_dim, dim), _act(), nn.Linear(dim, dim), _act())
+        xavier_init_(self)
+
+
+class Encoder(nn.Module):
+    """q(z | x, c): ``forward(x [N, 1, S, S, S], c [N, 7] | None) -> (mu [N, k], logvar [N, k])``.
+
+    ``embed_dim`` = 0 builds the unconditional encoder (c is ignored).
+    """
+
+    def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
+                 embed_dim: int = 0, grad_checkpoint: bool = False) -> None:
+        super().__init__()
+        _check_size(size)
+        self.grad_checkpoint = grad_checkpoint
+        chans = [_ch(c, width) for c in STAGE_CHANNELS]
+        stages = []
+        cin = 1
+        for i, c in enumerate(chans):
+            layers = [conv3x3x3(cin, c, separable), _act(), conv3x3x3(c, c, separable), _act()]
+            if i < len(chans) - 1:
+                layers.append(nn.MaxPool3d(2))
+            stages.append(nn.Sequential(*layers))
+            cin = c
+        self.stages = nn.ModuleList(stages)
+        self.bottleneck = nn.Sequential(nn.Conv3d(cin, bottleneck_channels, 1), _act())
+        flat = bottleneck_channels * (size // 8) ** 3
+        self.embed = ClinicalEmbedding(embed_dim) if embed_dim else None
+        self.mu = nn.Linear(flat + embed_dim, latent_dim)
+        self.logvar = nn.Linear(flat + embed_dim, latent_dim)
+        xavier_init_(self.bottleneck)
+        xavier_init_(self.mu)
+        xavier_init_(self.logvar)
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = x
+        for stage in self.stages:
+            h = _run(stage, self.grad_checkpoint and self.training, h)
+        h = self.bottleneck(h).flatten(1)
+        if self.embed is not None:
+            if c is None:
+                raise ValueError("this encoder is conditional: pass c [N, 7]")
+            h = torch.cat([h, self.embed(c.to(h.dtype))], dim=1)
+        return self.mu(h), self.logvar(h).clamp(*LOGVAR_RANGE)
+
+
+class ClinicalPrior(nn.Module):
+    """Learned prior p(z | c) = N(mu_p(c), exp(logvar_p(c))) (paper §2.4, blocks Prior_mu / Prior_sigma).
+
+    ``forward(c [N, 7]) -> (mu [N, k], logvar [N, k])``: a small MLP reading an embedding of c.
+    """
+
+    def __init__(self, latent_dim: int, embed_dim: int, clinical_dim: int = CLINICAL_DIM) -> None:
+        super().__init__()
+        self.embed = ClinicalEmbedding(embed_dim, clinical_dim)
+        self.mu = nn.Linear(embed_dim, latent_dim)
+        self.logvar = nn.Linear(embed_dim, latent_dim)
+        xavier_init_(self.mu)
+        xavier_init_(self.logvar)
+
+    def forward(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.embed(c)
+        return self.mu(e), self.logvar(e).clamp(*LOGVAR_RANGE)
+
+
+class MappingNetwork(nn.Sequential):
+    """c [N, 7] -> style w [N, style_dim]: ``layers`` linear layers with LeakyReLU (StyleGAN's mapping, on c)."""
+
+    def __init__(self, style_dim: int, layers: int, clinical_dim: int = CLINICAL_DIM) -> None:
+        mods: list[nn.Module] = []
+        for i in range(max(1, layers)):
+            mods += [nn.Linear(clinical_dim if i == 0 else style_dim, style_dim), _act()]
+        super().__init__(*mods)
+        xavier_init_(self)
+
+
+class DecoderStage(nn.Module):
+    """upsample x2 -> SC -> sd_c3 (paper §2.4): ``forward(x [N, Cin, s, s, s], w [N, style] | None)`` -> [N, Cout, 2s..]
+
+    With ``style_dim`` None both convs are plain (non-clinical rows).
+    """
+
+    def __init__(self, cin: int, cout: int, separable: bool, style_dim: int | None) -> None:
+        super().__init__()
+        self.modulated = style_dim is not None
+        if style_dim is not None:
+            self.mix: nn.Module = style_conv(cin, cout, style_dim)
+            self.conv: nn.Module = modulated_conv3x3x3(cout, cout, style_dim, separable)
+        else:
+            self.mix = xavier_init_(nn.Conv3d(cin, cout, 1))
+            self.conv = conv3x3x3(cout, cout, separable)
+        self.act = _act()
+
+    def forward(self, x: Tensor, w: Tensor | None = None) -> Tensor:
+        h = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+        if self.modulated:
+            return self.act(self.conv(self.act(self.mix(h, w)), w))
+        return self.act(self.conv(self.act(self.mix(h))))
+
+
+class Decoder(nn.Module):
+    """g(z, c): ``forward(z [N, k], c [N, 7] | None) -> x_hat [N, 1, S, S, S]``; holds the mapping network c -> w.
+
+    ``style_dim`` None builds the unconditional decoder (c is ignored).
+    """
+
+    def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
+                 style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False) -> None:
+        super().__init__()
+        _check_size(size)
+        self.grad_checkpoint = grad_checkpoint
+        self.base = size // 8
+        self.bottleneck_channels = bottleneck_channels
+        chans = [_ch(c, width) for c in STAGE_CHANNELS]
+        self.mapping = MappingNetwork(style_dim, mapping_layers) if style_dim is not None else None
+        self.fc = nn.Linear(latent_dim, bottleneck_channels * self.base**3)
+        self.expand = nn.Sequential(nn.Conv3d(bottleneck_channels, chans[-1], 1), _act())
+        self.stages = nn.ModuleList(
+            DecoderStage(chans[i], chans[i - 1], separable, style_dim) for i in range(len(chans) - 1, 0, -1)
+        )
+        self.out = nn.Conv3d(chans[0], 1, 1)
+        # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
+        # sqrt(2 fan_in / (fan_in + fan_out)) (x0.09 at paper size): their gain makes the variance 1 / fan_in.
+        xavier_init_(self.fc, gain=_expanding_gain(latent_dim, self.fc.out_features))
+        xavier_init_(self.expand, gain=_expanding_gain(bottleneck_channels, chans[-1]))
+        xavier_init_(self.out)
+
+    def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+        w = None
+        if self.mapping is not None:
+            if c is None:
+                raise ValueError("this decoder is conditional: pass c [N, 7]")
+            w = self.mapping(c.to(z.dtype))
+        h = self.fc(z).view(z.shape[0], self.bottleneck_channels, self.base, self.base, self.base)
+        h = self.expand(h)
+        for stage in self.stages:
+            use = self.grad_checkpoint and self.training
+            h = _run(stage, use, h, w) if w is not None else _run(stage, use, h)
+        return self.out(h)
+
+
+class PatchDiscriminator(nn.Module):
+    """3-D PatchGAN (Isola et al. 2017): ``forward(x [N, 1, S, S, S], c [N, 7] | None) -> [N, 1, S/8, S/8, S/8]``.
+
+    ``clinical_dim`` = 0 builds the unconditional discriminator; otherwise ``conditioning`` is ``"projection"``
+    (Miyato & Koyama 2018) or ``"concat"`` (c as constant input channels).
+    """
+
+    def __init__(self, separable: bool, width: float = 1.0, clinical_dim: int = 0,
+                 conditioning: str = "projection") -> None:
+        super().__init__()
+        if conditioning not in ("projection", "concat"):
+            raise ValueError(f"unknown disc_conditioning {conditioning!r}; valid: projection, concat")
+        self.clinical_dim = clinical_dim
+        self.conditioning = conditioning if clinical_dim else "none"
+        c0, c1, c2, c3 = (_ch(c, width) for c in DISC_CHANNELS)
+        cin = 1 + (clinical_dim if self.conditioning == "concat" else 0)
+
+        def conv(a: int, b: int, stride: int, bias: bool) -> nn.Module:
+            if separable:
+                return SeparableConv3d(a, b, 3, stride=stride, bias=bias)
+            # 4x4x4 as in pix2pix; padding 1 halves even sizes at stride 2; at stride 1 an explicit (1, 2) pad keeps
+            # the size ("same"), so 16^3 inputs still give a 2^3 map (pix2pix's padding 1 would shrink it to 0).
+            if stride == 2:
+                return xavier_init_(nn.Conv3d(a, b, 4, stride=2, padding=1, bias=bias))
+            return nn.Sequential(nn.ConstantPad3d((1, 2) * 3, 0.0), xavier_init_(nn.Conv3d(a, b, 4, bias=bias)))
+
+        self.body = nn.Sequential(
+            conv(cin, c0, 2, True), _act(),
+            conv(c0, c1, 2, False), nn.InstanceNorm3d(c1, affine=True), _act(),
+            conv(c1, c2, 2, False), nn.InstanceNorm3d(c2, affine=True), _act(),
+            conv(c2, c3, 1, False), nn.InstanceNorm3d(c3, affine=True), _act(),
+        )
+        self.head = conv(c3, 1, 1, True)
+        self.embed = nn.Linear(clinical_dim, c3, bias=False) if self.conditioning == "projection" else None
+        if self.embed is not None:
+            xavier_init_(self.embed)
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        if self.conditioning != "none" and c is None:
+            raise ValueError("this discriminator is conditional: pass c [N, 7]")
+        if self.conditioning == "concat":
+            x = torch.cat([x, c.to(x.dtype)[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+        h = self.body(x)
+        out = self.head(h)
+        if self.embed is not None:
+            e = self.embed(c.to(h.dtype))[:, :, None, None, None]
+            out = out + (e * h).sum(dim=1, keepdim=True) / math.sqrt(h.shape[1])
+        return out
+
+
+class VAEGenerator(nn.Module):
+    """Everything trained with the generator's optimizer: encoder, decoder (with its mapping), prior (or None)."""
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, prior: ClinicalPrior | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+
+    def prior_params(self, c: Tensor | None, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu_p, logvar_p) [n, k]: p(z|c) for clinical rows, N(0, I) (zeros) otherwise."""
+        if self.prior is not None:
+            if c is None:
+                raise ValueError("the clinical prior needs c [N, 7]")
+            return self.prior(c.to(like.dtype))
+        zeros = like.new_zeros(n, self.decoder.fc.in_features)
+        return zeros, zeros
+
+
+def build_generator(cfg: Config, variant: Variant) -> VAEGenerator:
+    """Encoder, decoder and prior of ``variant`` at ``cfg.data.size`` and ``cfg.model`` widths."""
+    m, size = cfg.model, cfg.data.size
+    embed = m.clinical_embed_dim if variant.clinical else 0
+    encoder = Encoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels, embed,
+                      m.grad_checkpoint)
+    decoder = Decoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels,
+                      m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint)
+    prior = ClinicalPrior(m.latent_dim, m.clinical_embed_dim) if variant.clinical else None
+    return VAEGenerator(encoder, decoder, prior)
+
+
+def build_discriminator(cfg: Config, variant: Variant) -> PatchDiscriminator:
+    return PatchDiscriminator(variant.separable, cfg.model.disc_width, CLINICAL_DIM if variant.clinical else 0,
+                              cfg.model.disc_conditioning)
+
+
+def _diff_augment(x: Tensor, policy: str) -> Tensor:
+    """DiffAugment (Zhao et al. 2020; paper §2.4 (ii)) with the suite's policy; identity for an empty policy."""
+    if not policy:
+        return x
+    from benchmark.data.augment import diff_augment  # lazy: owned by the data package
+
+    return diff_augment(x, policy)
+
+
+class VAEGANMethod(GenerativeMethod):
+    """The clinically conditioned 3-D VAE-GAN; subclasses pick a :class:`Variant` (one per Table 2/4 row).
+
+    Args:
+        cfg: resolved configuration (``model``, ``loss``, ``train`` sections; ``data.size``).
+        heads: frozen clinical heads, needed for ``aux`` (L_cls/L_reg, :class:`ClinicalLossProvider`) and for
+            ``perceptual_backbone="resnet3d_aux"`` (:class:`models.perceptual.FeatureMapsProvider`). Not
+            registered as a submodule: they stay out of this method's state_dict, optimizers and ``.to()``.
+    """
+
+    variant: ClassVar[Variant] = VARIANTS["ours"]
+    conditional = True
+    has_encoder = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.conditional = cls.variant.clinical
+
+    def __init__(self, cfg: Config, heads: object | None = None) -> None:
+        super().__init__(cfg)
+        v = self.variant
+        name = cfg.method if cfg.method in VARIANTS else type(self).__name__
+        if v.aux and heads is None:
+            raise ValueError(f"{name} needs the frozen clinical heads for L_cls/L_reg (heads=None given)")
+        if v.perceptual and cfg.model.perceptual_backbone == "resnet3d_aux" and heads is None:
+            raise ValueError(f"{name} with perceptual_backbone=resnet3d_aux needs the frozen clinical heads "
+                             f"(heads=None given)")
+        object.__setattr__(self, "_heads", heads)
+        # Initial weights are a pure function of (config, seed), whatever the caller's RNG went through before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            self.G = build_generator(cfg, v)
+            if v.adversarial:
+                self.D = build_discriminator(cfg, v)
+        perceptual = None
+        if v.perceptual:
+            perceptual = PerceptualLoss(cfg.model.perceptual_backbone, cfg.model.perceptual_slices, heads)
+        object.__setattr__(self, "_perceptual", perceptual)  # frozen: outside the module tree, like the heads
+
+    # --- protocol ---------------------------------------------------------------------------------------------
+    @property
+    def perceptual(self) -> PerceptualLoss | None:
+        """The L_perc module (its ``backbone_name`` is what the harness logs), or None for rows without it."""
+        return self._perceptual
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.G.parameters()).device
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """``G``: encoder, decoder, mapping and prior at ``lr_g``; ``D`` at ``lr_d``; Adam(beta1, beta2) (§2.5)."""
+        t = self.cfg.train
+        opts = {"G": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))}
+        if self.variant.adversarial:
+            opts["D"] = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
+        return opts
+
+    def param_groups(self) -> dict[str, nn.Module]:
+        """encoder, decoder (with the mapping network), prior, discriminator: the same four keys for every row.
+
+        A row without a prior (N(0, I)) or without a discriminator gets an empty module there (0 parameters), so the
+        Table 2 rows share their columns. The frozen perceptual network is not a trained component:
+        :meth:`frozen_param_counts` and :func:`paper_param_counts` add it the way the paper's Table 2 does.
+        """
+        return {"encoder": self.G.encoder, "decoder": self.G.decoder,
+                "prior": self.G.prior if self.G.prior is not None else nn.Module(),
+                "discriminator": self.D if self.variant.adversarial else nn.Module()}
+
+    def frozen_param_counts(self) -> dict[str, int]:
+        """Frozen networks that paper Table 2 counts in "#Parameters": ``{"perceptual": 5288548}`` for EfficientNet-B0.
+
+        The whole classifier, as in "EfficientNet-B0, 5.3M" (its +5.1M step from row 4 to row 5); empty for rows
+        without L_perc and for ``resnet3d_aux`` (that network is the heads', which the paper does not count).
+        """
+        p = self._perceptual
+        return {"perceptual": p.paper_param_count} if p is not None and p.paper_param_count else {}
+
+    def frozen_modules(self) -> Iterator[nn.Module]:
+        """The frozen heads and perceptual network (not trained here, not in this method's state_dict)."""
+        mods = [m for m in (self._heads, self._perceptual) if isinstance(m, nn.Module)]
+        return iter(mods)
+
+    def _cond(self, c: Tensor | None, n: int) -> Tensor | None:
+        if not self.variant.clinical:
+            return None
+        if c is None or c.shape[0] != n:
+            raise ValueError(f"{type(self).__name__} is conditional: pass c [{n}, {CLINICAL_DIM}]")
+        return c.to(self._device)
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+        """Algorithm 1 on ``batch`` (x [N,1,S,S,S], c [N,7]): one G step on Eq. (2), then one D step.
+
+        ``step`` seeds the reparameterisation noise (with ``train.seed``), so resumed runs replay it.
+
+        Returns float losses: loss_rec, loss_kl, loss_g_total always; loss_adv_g and loss_d (adversarial rows),
+        loss_perc (perceptual rows), loss_cls and loss_reg (aux rows) where they apply.
+        """
+        x = batch["x"]
+        n = x.shape[0]
+        c = self._cond(batch.get("c"), n)
+        v, m = self.variant, self.cfg.model
+        policy = self.cfg.data.diffaug_policy
+        if v.adversarial:
+            self.D.requires_grad_(False)  # the G step needs gradients w.r.t. x_hat only
+        try:
+            with self.autocast():
+                mu_q, logvar_q = self.G.encoder(x, c)
+                # Noise as a slice of the global batch's (base.batch_noise): k ranks reproduce one process exactly.
+                k = mu_q.shape[1]
+                eps = self.batch_noise("posterior", n, (k,), step, x.device).to(mu_q.dtype)
+                z = mu_q + torch.exp(0.5 * logvar_q) * eps
+                x_hat = self.G.decoder(z, c)
+                mu_p, logvar_p = self.G.prior_params(c, n, mu_q)
+                terms = {"rec": l1_reconstruction(x_hat, x),
+                         "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p)}
+                if v.adversarial:
+                    terms["adv"] = gan_g_loss(self.D(_diff_augment(x_hat, policy), c), m.adv_loss)
+                if v.perceptual:
+                    terms["perc"] = self._perceptual(x_hat, x)
+                if v.aux:
+                    aux_x, aux_c = x_hat, c
+                    if m.aux_on_prior:
+                        eps_p = self.batch_noise("prior", n, (k,), step, x.device).to(mu_p.dtype)
+                        z_p = mu_p + torch.exp(0.5 * logvar_p) * eps_p
+                        aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c)]), torch.cat([c, c])
+                    aux = self._heads.losses(aux_x, aux_c)
+                    terms["cls"], terms["reg"] = aux["cls"], aux["reg"]
+                total = weighted_total(terms, self.cfg.loss)
+        finally:
+            if v.adversarial:
+                self.D.requires_grad_(True)
+        self.optimize("G", total, self.cfg.train.grad_clip)
+        logs = {"loss_" + ("adv_g" if k == "adv" else k): float(t.detach()) for k, t in terms.items()}
+        logs["loss_g_total"] = float(total.detach())
+        if v.adversarial:
+            with self.autocast():
+                # One call for real and fake: instance norm has no batch statistics, so this equals two calls.
+                both = _diff_augment(torch.cat([x, x_hat.detach()]), policy)
+                scores = self.D(both, None if c is None else torch.cat([c, c]))
+                loss_d = gan_d_loss(scores[:n], scores[n:], m.adv_loss)
+            self.optimize("D", loss_d, self.cfg.train.grad_clip)
+            logs["loss_d"] = float(loss_d.detach())
+        return logs
+
+    @torch.no_grad()
+    def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Algorithm 3: z ~ p(z|c) = N(mu_p(c), sigma_p(c)^2) (N(0, I) for non-clinical rows), x = g(z, c).
+
+        Args:
+            n: number of volumes.
+            c: [n, 7] standardised clinical vectors (clinical rows; ignored otherwise).
+            generator: RNG for z (on its own device; z is moved to the model's).
+        Returns:
+            [n, 1, S, S, S] float32, from ``G_eval`` (the EMA copy when there is one).
+        """
+        G = self.G_eval  # noqa: N806 (GAN naming, STYLE.md)
+        c = self._cond(c, n)
+        device = self._device
+        chunk = max(1, self.cfg.eval.batch_size)
+        out = []
+        for start in range(0, n, chunk):
+            cc = None if c is None else c[start : start + chunk]
+            m = min(chunk, n - start)
+            eps = torch.randn(m, self.cfg.model.latent_dim, generator=generator,
+                              device=generator.device if generator is not None else device).to(device)
+            with self.autocast():
+                mu_p, logvar_p = G.prior_params(cc, m, eps)
+                z = mu_p + torch.exp(0.5 * logvar_p) * eps
+                out.append(G.decoder(z, cc).float())
+        return torch.cat(out) if out else torch.empty(0, 1, *(self.cfg.data.size,) * 3, device=device)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """x [N,1,S,S,S], c [N,7] -> g(mu_e(x, c), c) [N,1,S,S,S]: the posterior mean, so it is deterministic."""
+        G = self.G_eval  # noqa: N806
+        c = self._cond(c, x.shape[0])
+        with self.autocast():
+            mu, _ = G.encoder(x, c)
+            return G.decoder(mu, c).float()
+
+    @torch.no_grad()
+    def validation_losses(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """``val_l1``: L1 of the posterior-mean reconstruction; ``val_kl``: KL(q || p) on the batch."""
+        x = batch["x"]
+        G = self.G_eval  # noqa: N806
+        c = self._cond(batch.get("c"), x.shape[0])
+        with self.autocast():
+            mu_q, logvar_q = G.encoder(x, c)
+            x_hat = G.decoder(mu_q, c)
+            mu_p, logvar_p = G.prior_params(c, x.shape[0], mu_q)
+        return {"val_l1": float(l1_reconstruction(x_hat, x)),
+                "val_kl": float(kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p))}
+
+
+@METHODS.register("vae")
+class VAE3D(VAEGANMethod):
+    """3D VAE: standard 3x3x3 convs, KL to N(0, I), L1 + KL only (paper Table 2 row 1)."""
+
+    variant = VARIANTS["vae"]
+
+
+@METHODS.register("vaegan")
+class VAEGAN3D(VAEGANMethod):
+    """3D VAE-GAN: standard convs + standard 4x4x4 PatchGAN (paper Table 2 row 2)."""
+
+    variant = VARIANTS["vaegan"]
+
+
+@METHODS.register("xvaegan")
+class XceptionVAEGAN(VAEGANMethod):
+    """3D Xception-based VAE-GAN: separable convs + separable PatchGAN (paper Table 2 row 3)."""
+
+    variant = VARIANTS["xvaegan"]
+
+
+@METHODS.register("xvaegan_clin")
+class XceptionVAEGANClinical(VAEGANMethod):
+    """+ clinical conditions: encoder sees c, learned prior p(z|c), style modulation by c, conditional D (row 4)."""
+
+    variant = VARIANTS["xvaegan_clin"]
+
+
+@METHODS.register("ours")
+class ClinicalVAEGAN(VAEGANMethod):
+    """Ours (full): + perceptual loss + frozen-head L_cls/L_reg (paper Table 2 row 5)."""
+
+    variant = VARIANTS["ours"]
+
+
+@METHODS.register("ours_noaux")
+class ClinicalVAEGANNoAux(VAEGANMethod):
+    """Ours without L_cls/L_reg (paper Table 4, "w/o Cls/Reg loss")."""
+
+    variant = VARIANTS["ours_noaux"]
+
+
+def paper_param_counts(cfg: Config, size: int = 128, method: str | None = None) -> dict[str, int]:
+    """Parameters per component, counted as paper Table 2 does, built on the meta device (no memory, no weights).
+
+    Args:
+        cfg: configuration (widths from ``cfg.model``; pass the ``paper`` preset or width 1 for the paper's numbers).
+        size: volume size S.
+        method: a key of :data:`VARIANTS` (default ``cfg.method``).
+    Returns:
+        ``encoder``, ``decoder`` (with mapping), ``prior``, ``discriminator``, ``perceptual`` (the frozen
+        EfficientNet-B0 as a whole, 0 for ``resnet3d_aux`` whose network is the heads'), ``generator`` (encoder +
+        decoder + prior) and ``total`` = generator + discriminator + perceptual (the paper's sense).
+    """
+    name = method or cfg.method
+    if name not in VARIANTS:
+        raise KeyError(f"unknown VAE-GAN variant {name!r}; valid: {', '.join(VARIANTS)}")
+    variant = VARIANTS[name]
+    cfg = replace(cfg, data=replace(cfg.data, size=size))
+
+    def count(module: nn.Module | None) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        G = build_generator(cfg, variant)  # noqa: N806
+        D = build_discriminator(cfg, variant) if variant.adversarial else None  # noqa: N806
+    perceptual = 0
+    if variant.perceptual and cfg.model.perceptual_backbone == "efficientnet_b0":
+        perceptual = efficientnet_b0_param_counts()["full"]
+    out = {"encoder": count(G.encoder), "decoder": count(G.decoder), "prior": count(G.prior),
+           "discriminator": count(D), "perceptual": perceptual}
+    out["generator"] = out["encoder"] + out["decoder"] + out["prior"]
+    out["total"] = out["generator"] + out["discriminator"] + out["perceptual"]
+    return out

@@ -1,0 +1,69 @@
+"""Suites end to end at smoke size: parent/child structure in MLflow, report from the store, reuse after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from benchmark.cli import main
+from benchmark.tracking import PARENT_TAG
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children(client: MlflowClient, parent_id: str, exp_id: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+
+def test_suite_all_smoke_and_report(mlflow_uri: str, smoke_args: list[str], tmp_path: Path, monkeypatch,
+                                    capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--suite", "all", *smoke_args]) == 0
+    printed = capsys.readouterr().out
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("brainmri/table2")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'suite'")
+    assert len(parents) == 1
+    kids = _children(client, parents[0].info.run_id, exp.experiment_id)
+    assert sorted(k.data.tags["method"] for k in kids) == sorted(["vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"])
+    keys = [{k for k in kid.data.metrics if not k.startswith(("time", "stage.", "loss", "val_", "bac", "roi_",
+                                                                   "volume_"))} for kid in kids]
+    assert all(k == keys[0] for k in keys), keys
+    assert {"fid_resnet18sep", "ssim_triplanar", "lpips_triplanar_alexrand", "params_total"} <= keys[0]
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "tables")]
+    assert "tables/table2.md" in artifacts and "tables/table2.tex" in artifacts
+    # `ours` trained once for table2 is reused by table3 and table4
+    exp3 = client.get_experiment_by_name("brainmri/table3")
+    ours3 = client.search_runs([exp3.experiment_id], filter_string="tags.method = 'ours'")
+    assert ours3 and ours3[0].data.tags.get("reused_from")
+    # report rebuilds the same table from the store alone
+    for suite in ("table2", "table3", "table4", "prior"):
+        assert main(["report", "--suite", suite]) == 0
+        table = capsys.readouterr().out.strip()
+        assert table and table in printed, suite
+    assert "Real (test split)" in printed and "mmd" in printed
+
+
+def test_killed_suite_does_not_retrain_finished_methods(stage_cache: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'kill.db'}"}
+    cmd = [sys.executable, "-m", "benchmark", "run", "--suite", "table3", "--preset", "smoke", "--no-progress",
+           "--set", f"data.cache_dir={stage_cache}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    done = lambda: list((tmp_path / "runs").glob("wgan_gp-*/metrics.json"))  # noqa: E731
+    while not done() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done(), "wgan_gp never finished"
+    time.sleep(0.5)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "wgan_gp-seed0: reused finished run" in out.stdout
+    assert "stylegan2-seed0: training" in out.stdout or "stylegan2-seed0: reused" in out.stdout
