@@ -35,7 +35,10 @@ def test_suite_all_smoke_and_report(mlflow_uri: str, smoke_args: list[str], tmp_
     keys = [{k for k in kid.data.metrics if not k.startswith(("time", "stage.", "loss", "val_", "bac", "roi_",
                                                                    "volume_"))} for kid in kids]
     assert all(k == keys[0] for k in keys), keys
-    assert {"fid_resnet18sep", "ssim_triplanar", "lpips_triplanar_alexrand", "params_total"} <= keys[0]
+    assert {"fid_resnet18sep", "ssim_triplanar", "params_total"} <= keys[0]
+    # AlexNet needs slices of at least 31 px: at 16^3 LPIPS is reported unavailable, with the reason, never faked
+    assert all("lpips_triplanar_alexrand" in k or kid.data.tags.get("unavailable.lpips_triplanar_alex")
+               for k, kid in zip(keys, kids, strict=True))
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "tables")]
     assert "tables/table2.md" in artifacts and "tables/table2.tex" in artifacts
     # `ours` trained once for table2 is reused by table3 and table4
