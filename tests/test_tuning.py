@@ -83,13 +83,25 @@ def postgres_url(tmp_path: Path):
     if bindir is None:
         pytest.skip("PostgreSQL server not installed (Debian package `postgresql`; .ci/run installs it)")
     pytest.importorskip("psycopg2")
-    data = tmp_path / "pg"
-    user = "postgres" if os.geteuid() == 0 else None
+    import pwd
+    import tempfile
+
+    user = None
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres").pw_name
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run the server as")
     run_as = ["runuser", "-u", user, "--"] if user else []
+    # pytest's tmp dirs are private to root; the server needs a folder it owns and can reach
+    base = Path(tempfile.mkdtemp(prefix="bm-pg-"))
+    base.chmod(0o755)
+    data = base / "data"
     data.mkdir()
     if user:
+        shutil.chown(base, user)
         shutil.chown(data, user)
-        shutil.chown(tmp_path, user)
+    tmp_path = base
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "bench"], check=True,
                    capture_output=True)
     with socket.socket() as s:
@@ -97,18 +109,19 @@ def postgres_url(tmp_path: Path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(tmp_path),
                              "-h", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"postgresql://bench@127.0.0.1:{port}/postgres"
+    url = f"postgresql+psycopg2://bench@127.0.0.1:{port}/postgres"
     import psycopg2
 
     for _ in range(100):
         try:
-            psycopg2.connect(url).close()
+            psycopg2.connect(url.replace("+psycopg2", "")).close()
             break
         except psycopg2.OperationalError:
             time.sleep(0.1)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_postgres_storage_shares_a_study(postgres_url: str) -> None:
