@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,7 @@ from models.perceptual import (
 WEIGHTS_NAME = "efficientnet_b0_rwightman-7f5810bc.pth"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second intra-op thread, and on a shared 2-core machine OpenMP barriers
-    make oneDNN up to 10x slower with 2 threads (measured: EfficientNet on 16^2 slices 0.05 s vs 0.5 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,7 @@ TINY = {"model.width": 0.0625, "model.disc_width": 0.0625, "model.latent_dim": 1
         "model.clinical_embed_dim": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second intra-op thread, and on a shared 2-core machine OpenMP barriers
-    make oneDNN up to 10x slower with 2 threads (measured: EfficientNet on 16^2 slices 0.05 s vs 0.5 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class HeadsStub(nn.Module):
