@@ -97,10 +97,9 @@ def bench_prior(cfg: Config, n: int, repeats: int) -> dict[str, Any]:
 
 def bench_metrics(cfg: Config, size: int, repeats: int) -> dict[str, Any]:
     """Volumes per second of tri-planar SSIM, LPIPS (random backbone) and FID features at ``size``."""
-    from models.heads import ClinicalHeads
-
     from metrics.lpips import lpips_triplanar
     from metrics.ssim import ssim_triplanar
+    from models.heads import ClinicalHeads
 
     device = torch.device("cpu")
     n = 4

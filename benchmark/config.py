@@ -151,6 +151,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class UtilityConfig:
+    """Downstream utility and memorization (issue #10): classifiers trained on real and/or synthetic volumes."""
+
+    n_synthetic: int = 64  # synthetic volumes per generator (half AD, half CN for conditional generators)
+    seeds: int = 3  # classifier trainings per arm (mean +- std over these)
+    epochs: int = 12  # budget of every arm = epochs x (real training-set size) volumes, identical for all arms
+    memo_ssim_n: int = 8  # generated volumes scored in voxel space (1 - SSIM costs N x (train + test) SSIMs)
+    memo_threshold: float = 0.5  # nn_ratio below this = at least twice as close to a training subject
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     config_file: str = "mlflow.yaml"
     experiment: str = ""  # empty = named after the suite (or "train")
@@ -179,6 +190,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    utility: UtilityConfig = field(default_factory=UtilityConfig)
 
 
 def _smoke() -> dict[str, Any]:
@@ -194,6 +206,7 @@ def _smoke() -> dict[str, Any]:
         "stylegan.z_dim": 32, "stylegan.w_dim": 32, "stylegan.fmaps": 0.125, "stylegan.mapping_layers": 2,
         "eval.n_generated": 8, "eval.n_prior_vectors": 32, "eval.n_draws": 2, "eval.n_slices": 8,
         "eval.lpips_backbone": "random", "eval.bootstrap": 200,
+        "utility.n_synthetic": 8, "utility.seeds": 2, "utility.epochs": 2, "utility.memo_ssim_n": 4,
     }
 
 
@@ -210,6 +223,7 @@ def _quick() -> dict[str, Any]:
         "stylegan.z_dim": 128, "stylegan.w_dim": 128, "stylegan.fmaps": 0.25, "stylegan.mapping_layers": 4,
         "eval.n_generated": 64, "eval.n_prior_vectors": 200, "eval.n_draws": 3,
         "eval.lpips_backbone": "random",
+        "utility.n_synthetic": 128, "utility.seeds": 3, "utility.epochs": 10,
     }
 
 
@@ -225,6 +239,7 @@ def _paper() -> dict[str, Any]:
         "heads.width": 64, "heads.epochs": 60, "heads.patience": 10, "prior.steps": 50000,
         "eval.n_generated": 2000, "eval.n_prior_vectors": 1000, "eval.n_slices": 32,
         "eval.lpips_backbone": "pretrained",
+        "utility.n_synthetic": 2000, "utility.seeds": 5, "utility.epochs": 60, "utility.memo_ssim_n": 64,
     }
 
 

@@ -292,6 +292,42 @@ def volume_consistency_metric(ctx: EvalContext) -> dict[str, float]:
     return {f"volume_{k}": float(v) for k, v in consistency(p["measured_ratios"], p["requested_ratios"]).items()}
 
 
+def _features(ctx: EvalContext, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([ctx.extractor(xb.to(ctx.device)).double().cpu() for xb in x.split(ctx.cfg.eval.batch_size)])
+
+
+@_register("nn_ratio")
+def nn_ratio_metric(ctx: EvalContext) -> dict[str, float]:
+    """Memorization: nearest-training / nearest-test distance of generated volumes (FID features and 1 - SSIM),
+    beside the same ratio for unseen real volumes (validation split) as the no-memorization reference."""
+    from metrics.memorization import closest_pairs, nn_ratio, nn_ratio_ssim, summary
+
+    cfg = ctx.cfg.utility
+    gen = torch.cat([x for x, _ in ctx.generate(ctx.cfg.eval.n_generated, draw=0)])
+    train, _ = ctx.bundle.tensors("train")
+    test, _ = ctx.test()
+    val, _ = ctx.bundle.tensors("val")
+    f_gen, f_train, f_test, f_val = (_features(ctx, v) for v in (gen, train, test, val))
+    ratios = nn_ratio(f_gen, f_train, f_test)
+    reference = nn_ratio(f_val, f_train, f_test)
+    k = min(cfg.memo_ssim_n, len(gen))
+    ratios_ssim = nn_ratio_ssim(gen[:k], train, test, n=ctx.cfg.eval.n_slices)
+    reference_ssim = nn_ratio_ssim(val[:k], train, test, n=ctx.cfg.eval.n_slices)
+    ctx._cache["memorization"] = {"ratios": ratios, "reference": reference, "gen": gen, "train": train,
+                                  "pairs": closest_pairs(f_gen, f_train, k=5)}
+    ctx.notes["note.nn_ratio"] = (f"{len(gen)} generated vs {len(train)} train / {len(test)} test volumes "
+                                  f"({ctx.extractor.name} features; SSIM on {k}); reference = {len(val)} "
+                                  "validation volumes (unseen real subjects)")
+    out: dict[str, float] = {}
+    for prefix, values in (("nn_ratio", ratios), ("nn_ratio_ref", reference), ("nn_ratio_ssim", ratios_ssim),
+                           ("nn_ratio_ssim_ref", reference_ssim)):
+        stats = summary(values, cfg.memo_threshold)
+        out.update({f"{prefix}_{name}": v for name, v in stats.items() if name != "threshold"})
+    out["nn_ratio"] = out["nn_ratio_median"]
+    return out
+
+
 def real_clinical_metrics(ctx: EvalContext) -> dict[str, float]:
     """Table 4's `Real` column: the frozen heads on the test split."""
     from metrics.clinical import balanced_accuracy, roi_mse

@@ -72,3 +72,44 @@ def volume_scatter(measured: np.ndarray, requested: np.ndarray, structures: Mapp
         ax.set_xlabel("requested ratio")
         ax.set_ylabel("measured ratio")
     return _save(fig, path)
+
+
+def ratio_histogram(ratios: np.ndarray, reference: np.ndarray, threshold: float, path: Path, title: str = "") -> Path:
+    """Memorization: nearest-train / nearest-test distance ratios of generated vs unseen real volumes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 3.4))
+    ax = fig.subplots()
+    values = np.concatenate([ratios, reference])
+    bins = np.linspace(min(0.0, float(values.min())), max(2.0, float(values.max())), 30)
+    ax.hist(reference, bins=bins, alpha=0.5, density=True, label="unseen real (validation)")
+    ax.hist(ratios, bins=bins, alpha=0.5, density=True, label="generated")
+    ax.axvline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold:g}")
+    ax.set_xlabel("d(nearest train) / d(nearest test)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def grouped_bars(groups: Mapping[str, Mapping[str, tuple[float, float]]], path: Path, ylabel: str,
+                 title: str = "") -> Path:
+    """One group of bars per key of ``groups`` (e.g. a generator), one bar per arm: (mean, std) with error bars."""
+    from matplotlib.figure import Figure
+
+    arms = list(dict.fromkeys(a for g in groups.values() for a in g))
+    fig = Figure(figsize=(1.2 + 1.4 * len(groups), 3.6))
+    ax = fig.subplots()
+    width = 0.8 / max(len(arms), 1)
+    x = np.arange(len(groups))
+    for i, arm in enumerate(arms):
+        means = [g.get(arm, (np.nan, np.nan))[0] for g in groups.values()]
+        stds = [g.get(arm, (np.nan, np.nan))[1] for g in groups.values()]
+        ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=arm)
+    ax.set_xticks(x, list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

@@ -28,6 +28,7 @@ class Column:
     scale: float = 1.0
     digits: int = 3
     lower_is_better: bool = True
+    tag: bool = False  # the cell is a tag of the run (text), not a metric
 
 
 IMAGE_COLUMNS = (
@@ -43,6 +44,16 @@ CLINICAL_COLUMNS = (
     Column("amygdala r", "volume_amygdala_r", 1.0, 2, lower_is_better=False),
     Column("ventricle r", "volume_lateral_ventricle_r", 1.0, 2, lower_is_better=False),
 )
+UTILITY_COLUMNS = (
+    Column("Synthetic labels", "utility_labels", tag=True),
+    Column("BAC real (%)", "utility_real_bac", 100.0, 1, lower_is_better=False),
+    Column("BAC real+syn (%)", "utility_mixed_bac", 100.0, 1, lower_is_better=False),
+    Column("BAC syn only (%)", "utility_synth_bac", 100.0, 1, lower_is_better=False),
+    Column("NN ratio (feat.)", "nn_ratio_median", 1.0, 2, lower_is_better=False),
+    Column("NN ratio real ref.", "nn_ratio_ref_median", 1.0, 2, lower_is_better=False),
+    Column("frac < 0.5", "nn_ratio_frac_below", 1.0, 2),
+    Column("NN ratio (SSIM)", "nn_ratio_ssim_median", 1.0, 2, lower_is_better=False),
+)
 PRIOR_COLUMNS = ("mmd", "c2st_accuracy", "correlation_error")
 
 
@@ -55,6 +66,8 @@ def _resolve_key(metrics: dict[str, float], key: str) -> str | None:
 
 def _cell(runs: list[RunRecord], col: Column) -> tuple[str, str]:
     """('mean ± std', metric name actually used) over seeds, or with the run's own spread for one seed."""
+    if col.tag:
+        return ", ".join(sorted({r.tags.get(col.key, "n/a") for r in runs})), ""
     key = None
     for r in runs:
         key = key or _resolve_key(r.metrics, col.key)
@@ -101,7 +114,7 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
         rows = [[k.removeprefix("prior."), f"{v:.4f}"] for k, v in sorted((parent.metrics if parent else {}).items())
                 if k.startswith("prior.")]
         return header, rows, "MMD: RBF, median heuristic; C2ST: cross-validated accuracy (0.5 = indistinguishable)."
-    columns = CLINICAL_COLUMNS if suite.real_row else IMAGE_COLUMNS
+    columns = UTILITY_COLUMNS if suite.utility else CLINICAL_COLUMNS if suite.real_row else IMAGE_COLUMNS
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
     for r in kids:
         by_method[r.tags.get("method", r.name)].append(r)
@@ -131,6 +144,12 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
     else:
         note = ("± = FID: std over independent generation draws; SSIM/LPIPS: std over test subjects "
                 "(bootstrap 95% CIs in MLflow as *_ci_low/_ci_high); one training seed.")
+    if suite.utility:
+        note = ("BAC: a fresh classifier (heads' architecture, same budget per arm) tested on the real test split; "
+                "± = std over classifier seeds. Unconditional generators' volumes are labelled by the frozen "
+                "classifier, conditional ones carry the label they were asked for. NN ratio: median distance to the "
+                "nearest training volume / to the nearest test volume (< 1: closer to training subjects); the real "
+                "reference is the same ratio for unseen validation volumes.")
     if used:
         note += " Metrics: " + ", ".join(f"{h} = {k}" for h, k in used.items()) + "."
     if parent is not None:
@@ -170,7 +189,9 @@ def render_suite(suite: str, fmt: str = "md", parent_run_id: str | None = None,
     from benchmark.registry import SUITES
 
     if suite == "all":
-        return "\n".join(render_suite(s, fmt, None, settings) for s in ("table2", "table3", "table4", "prior"))
+        from benchmark.suites import ALL
+
+        return "\n".join(render_suite(s, fmt, None, settings) for s in ALL)
     experiment = experiment or suite
     if parent_run_id is None:
         parent = latest_parent(suite, experiment, settings)

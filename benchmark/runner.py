@@ -23,7 +23,10 @@ from benchmark.tracking import MlflowTracker, NullTracker, Tracker
 
 RUNS_DIR = Path("runs")
 # Keys that change neither training nor results (where files go, progress, evaluation sizes for train-only digests).
-NON_RESULT_KEYS = ("tracking.config_file", "tracking.experiment", "train.device", "train.num_threads")
+NON_RESULT_KEYS = ("tracking.config_file", "tracking.experiment", "train.device", "train.num_threads",
+                   # the utility suite's settings act after a generator is trained: they never retrain it
+                   "utility.n_synthetic", "utility.seeds", "utility.epochs", "utility.memo_ssim_n",
+                   "utility.memo_threshold")
 
 
 @dataclass
@@ -266,11 +269,17 @@ def load_trained(checkpoint: Path, overrides: dict[str, Any] | None = None) -> t
     cfg = resolve(flat.pop("preset"), method=flat.pop("method"))
     cfg = apply_overrides(cfg, {**flat, **(overrides or {})})
     stages = prepare_stages(cfg, progress=False)
+    return cfg, load_method(cfg, stages, payload["method"]), stages
+
+
+def load_method(cfg: Config, stages: SharedStages, state: dict[str, Any] | Path) -> Any:
+    """The method of ``cfg`` on the shared stages with trained weights (a state dict or a weights.pt file)."""
+    if not isinstance(state, dict):
+        state = torch.load(state, map_location="cpu", weights_only=True)["method"]
     method = build_method(cfg, stages.heads)
     method.setup_ema(cfg.train.ema_decay)
-    method.load_state_dict(payload["method"])
-    method.eval()
-    return cfg, method, stages
+    method.load_state_dict(state)
+    return method.eval()
 
 
 def evaluate_command(run_id: str | None, checkpoint: Path | None, metrics: list[str] | None,

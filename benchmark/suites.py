@@ -29,6 +29,7 @@ class Suite:
     metrics: tuple[str, ...]
     real_row: bool = False  # Table 4's "Real" column: the frozen heads on the test split
     prior_eval: bool = False  # evaluate the diffusion prior (paper §3.4, Fig. 5)
+    utility: bool = False  # downstream classifiers and memorization per generator (issue #10)
 
 
 def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, ...], **kw: Any) -> Suite:
@@ -45,9 +46,12 @@ TABLE4 = _suite("table4", "Table 4: clinical consistency (BAC, ROI MSE x1e-5, vo
                 ("ours", "ours_noaux"), CLINICAL_METRICS, real_row=True)
 PRIOR = _suite("prior", "Diffusion prior vs real clinical vectors (MMD, C2ST, W1, correlation; Fig. 5)", (), (),
                prior_eval=True)
-ALL = ("table2", "table3", "table4", "prior")
-SUITES.add("all", Suite("all", "Every table: table2, table3, table4 and prior, sharing stages and finished runs",
-                        (), ()))
+UTILITY = _suite("utility", "Downstream utility (AD/CN classifier trained on real / real+synthetic / synthetic, "
+                 "test BAC) and memorization (nearest-train / nearest-test distance ratio)",
+                 ("wgan_gp", "stylegan2", "ours", "ours_noaux"), ("nn_ratio",), utility=True)
+ALL = ("table2", "table3", "table4", "prior", "utility")
+SUITES.add("all", Suite("all", "Every table: table2, table3, table4, prior and utility, sharing stages and "
+                        "finished runs", (), ()))
 
 
 def _child_tags(cfg: Config, suite: str) -> dict[str, str]:
@@ -94,25 +98,30 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
     parent.log_metrics({f"stage.{k}": v for k, v in stages.heads_info.items() if isinstance(v, float)})
     failures: list[str] = []
     timings: dict[str, float] = {}
+    utility_rows: dict[str, dict[str, tuple[float, float]]] = {}
+    real_arm: dict[str, float] = {}
+    if suite.utility:
+        real_arm = _real_utility(cfg, stages, parent, progress)
     for method in suite.methods:
         for seed in range(seeds):
             mcfg = replace(cfg, method=method, train=replace(cfg.train, seed=cfg.train.seed + seed))
             label = f"{method}-seed{mcfg.train.seed}"
             done = None if fresh else _finished_child(experiment, mcfg)
-            if done is not None:
-                child = parent.child(label, tags={**_child_tags(mcfg, suite.name), "reused_from": done.run_id})
-                child.log_params({k: v for k, v in done.params.items()})
-                child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
-                child.log_metrics(done.metrics)
-                child.finish("FINISHED")
-                print(f"[{suite.name}] {label}: reused finished run {done.run_id}")
-                continue
-            run_dir = default_run_dir(mcfg)
-            child = parent.child(label, tags=_child_tags(mcfg, suite.name))
-            print(f"[{suite.name}] {label}: training ({mcfg.train.budget_volumes} volumes) in {run_dir}")
             start = time.perf_counter()
             try:
-                run_method(mcfg, stages, child, run_dir=run_dir, resume=True, progress=progress)
+                if done is not None:
+                    child = parent.child(label, tags={**_child_tags(mcfg, suite.name), "reused_from": done.run_id})
+                    child.log_params({k: v for k, v in done.params.items()})
+                    child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
+                    child.log_metrics(done.metrics)
+                    print(f"[{suite.name}] {label}: reused finished run {done.run_id}")
+                else:
+                    run_dir = default_run_dir(mcfg)
+                    child = parent.child(label, tags=_child_tags(mcfg, suite.name))
+                    print(f"[{suite.name}] {label}: training ({mcfg.train.budget_volumes} volumes) in {run_dir}")
+                    run_method(mcfg, stages, child, run_dir=run_dir, resume=True, progress=progress)
+                if suite.utility:
+                    utility_rows[label] = _generator_utility(mcfg, stages, child, done, real_arm, progress)
                 child.finish("FINISHED")
             except KeyboardInterrupt:
                 child.finish("KILLED")
@@ -124,7 +133,14 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
                 child.finish("FAILED")
                 failures.append(f"{suite.name}/{label}: {type(err).__name__}: {err}")
                 print(f"[{suite.name}] {label}: FAILED ({type(err).__name__}: {err})", file=sys.stderr)
-            timings[label] = time.perf_counter() - start
+            if done is None:
+                timings[label] = time.perf_counter() - start
+    if utility_rows:
+        from benchmark.figures import grouped_bars
+
+        fig = grouped_bars(utility_rows, Path("runs") / "utility" / "utility_bac.png", "test balanced accuracy",
+                           title="AD/CN classifier trained on real / real+synthetic / synthetic")
+        parent.log_artifact(fig, "figures")
     if suite.real_row:
         from benchmark.evaluation import EvalContext, real_clinical_metrics
 
@@ -163,3 +179,61 @@ def _evaluate_prior(cfg: Config, stages: Any, parent: Any) -> None:
     raw_fake = np.asarray(stages.bundle.normalizer.inverse(torch.as_tensor(fake)))
     parent.log_artifact(plot_kde(raw_real, raw_fake, list(ROI_NAMES), out / "prior_kde.png"), "figures")
     parent.log_artifact(plot_pca(real, fake, out / "prior_pca.png"), "figures")
+
+
+def _real_utility(cfg: Config, stages: Any, parent: Any, progress: bool) -> dict[str, float]:
+    """The generator-independent `real` arm, trained once per suite run and logged on the parent."""
+    from benchmark.utility import arm_scores, summarize
+
+    print(f"[utility] real arm: {cfg.utility.seeds} classifier(s) on the real training split")
+    values = summarize(arm_scores(cfg, stages.bundle, ("real",), progress=progress))
+    parent.log_metrics({f"real.{k}": v for k, v in values.items()})
+    return values
+
+
+def _generator_utility(cfg: Config, stages: Any, child: Any, done: Any, real_arm: dict[str, float],
+                       progress: bool) -> dict[str, tuple[float, float]]:
+    """Memorization (nn_ratio, with figures) and the two synthetic arms for one trained generator."""
+    from benchmark.evaluation import EvalContext, evaluate
+    from benchmark.runner import default_run_dir, load_method
+    from benchmark.tracking import download_artifact
+    from benchmark.utility import METRIC_KEYS, arm_scores, summarize, synthetic_set
+
+    weights = default_run_dir(cfg) / "weights.pt"
+    if not weights.is_file():
+        if done is None:
+            raise FileNotFoundError(f"{weights}: the trained generator's weights are missing")
+        weights = download_artifact(done.run_id, "weights/weights.pt")
+    method = load_method(cfg, stages, Path(weights))
+    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key, progress=progress)
+    metrics = evaluate(ctx, ["nn_ratio"])
+    _log_memorization_figures(ctx, child, default_run_dir(cfg))
+    synth = synthetic_set(method, stages.prior, stages.heads, cfg.utility.n_synthetic, seed=cfg.train.seed,
+                          batch_size=cfg.eval.batch_size)
+    print(f"[utility] {cfg.method}: {len(synth.x)} synthetic volumes ({int(synth.labels.sum())} AD), "
+          f"labels: {synth.label_source}")
+    metrics.update(summarize(arm_scores(cfg, stages.bundle, ("real+synthetic", "synthetic"), synth,
+                                        progress=progress)))
+    metrics.update({k: v for k, v in real_arm.items()})
+    metrics["utility_n_synthetic"] = float(len(synth.x))
+    child.log_metrics(metrics)
+    child.set_tags({**ctx.notes, "utility_labels": synth.label_source})
+    return {arm: (metrics[key], metrics[f"{key}_std"]) for arm, key in METRIC_KEYS.items() if key in metrics}
+
+
+def _log_memorization_figures(ctx: Any, tracker: Any, run_dir: Path) -> None:
+    """Histogram of the ratios beside the unseen-real reference, and the 5 closest generated/training pairs."""
+    from benchmark.figures import ratio_histogram, triplanar_grid
+
+    memo = ctx._cache.get("memorization")
+    if memo is None:
+        return
+    hist = ratio_histogram(memo["ratios"], memo["reference"], ctx.cfg.utility.memo_threshold,
+                           run_dir / "nn_ratio.png", title=f"{ctx.cfg.method}: memorization")
+    tracker.log_artifact(hist, "figures")
+    rows: dict[str, Any] = {}
+    for rank, (g, t, d) in enumerate(memo["pairs"]):
+        rows[f"#{rank + 1} generated {g}\n(d = {d:.3g})"] = memo["gen"][g]
+        rows[f"#{rank + 1} train {t}"] = memo["train"][t]
+    grid = triplanar_grid(rows, run_dir / "closest_pairs.png", title=f"{ctx.cfg.method}: 5 closest to training")
+    tracker.log_artifact(grid, "figures")

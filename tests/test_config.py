@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from benchmark.config import (Config, ConfigError, apply_overrides, digest, flatten, parse_set, resolve,
-                              section_digest)
+from benchmark.config import Config, ConfigError, apply_overrides, digest, flatten, parse_set, resolve, section_digest
 
 
 def test_presets_resolve_and_differ() -> None:

@@ -45,8 +45,28 @@ def test_suite_all_smoke_and_report(mlflow_uri: str, smoke_args: list[str], tmp_
     exp3 = client.get_experiment_by_name("brainmri/table3")
     ours3 = client.search_runs([exp3.experiment_id], filter_string="tags.method = 'ours'")
     assert ours3 and ours3[0].data.tags.get("reused_from")
+    # utility reuses the four trained generators, adds memorization and the three classifier arms
+    exp_u = client.get_experiment_by_name("brainmri/utility")
+    parent_u = client.search_runs([exp_u.experiment_id], filter_string="tags.kind = 'suite'")[0]
+    kids_u = _children(client, parent_u.info.run_id, exp_u.experiment_id)
+    assert sorted(k.data.tags["method"] for k in kids_u) == sorted(["wgan_gp", "stylegan2", "ours", "ours_noaux"])
+    for kid in kids_u:
+        assert kid.data.tags.get("reused_from") and kid.info.status == "FINISHED"
+        m = kid.data.metrics
+        assert all(0.0 <= m[k] <= 1.0 for k in ("utility_real_bac", "utility_mixed_bac", "utility_synth_bac"))
+        assert m["nn_ratio_median"] > 0 and 0.0 <= m["nn_ratio_frac_below"] <= 1.0
+        labels = "frozen classifier" if kid.data.tags["method"] in ("wgan_gp", "stylegan2") else "requested"
+        assert kid.data.tags["utility_labels"].startswith(labels)
+        figs = [a.path for a in client.list_artifacts(kid.info.run_id, "figures")]
+        assert "figures/nn_ratio.png" in figs and "figures/closest_pairs.png" in figs
+    assert len({k.data.metrics["utility_real_bac"] for k in kids_u}) == 1  # the real arm is trained once
+    assert "figures/utility_bac.png" in [a.path for a in client.list_artifacts(parent_u.info.run_id, "figures")]
+    # on its own, the utility suite finds the trained generators again and recomputes only its own numbers
+    assert main(["run", "--suite", "utility", *smoke_args]) == 0
+    assert "BAC syn only" in capsys.readouterr().out
+    assert len(client.search_runs([exp_u.experiment_id], filter_string="tags.kind = 'suite'")) == 2
     # report rebuilds the same table from the store alone
-    for suite in ("table2", "table3", "table4", "prior"):
+    for suite in ("table2", "table3", "table4", "prior", "utility"):
         assert main(["report", "--suite", suite]) == 0
         table = capsys.readouterr().out.strip()
         assert table and table in printed, suite
