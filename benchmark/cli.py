@@ -20,7 +20,8 @@ def _config_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--preset", default=None, choices=list(PRESET_OVERRIDES),
                    help="size/budget preset (default smoke for train, quick for run)")
     if method:
-        p.add_argument("--method", default="ours", help="registered method (see `list`)")
+        p.add_argument("--method", default="ours",
+                       help="registered method (see `list`); `train` also takes `heads` and `prior`, the shared stages")
     p.add_argument("--data", default=None, help="a prepared cohort folder (default: the embedded synthetic cohort)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.budget_volumes=200")

@@ -228,12 +228,35 @@ def open_tracker(cfg: Config, experiment: str, run_name: str, run_dir: Path | No
     return tracker
 
 
+STAGE_METHODS = ("heads", "prior")  # shared stages that `train --method` also accepts
+
+
+def train_stage_command(cfg: Config, *, progress: bool, track: bool) -> dict[str, Any]:
+    """``train --method heads|prior``: the shared stage for this data/split, trained once and found again by digest
+    (a second call reports the cached one); its test figures are logged to the ``train`` experiment."""
+    from benchmark.stages import get_heads, get_prior, stage_path
+
+    bundle = load_bundle(cfg, progress=progress)
+    _, info = (get_heads if cfg.method == "heads" else get_prior)(cfg, bundle, progress=progress)
+    path = stage_path(cfg, cfg.method, info["digest"])
+    tracker = open_tracker(cfg, "train", f"{cfg.method}-seed{cfg.train.seed}", None, track)
+    sections = (cfg.method, "data", "train.seed")
+    tracker.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(sections)})
+    tracker.set_tags({"method": cfg.method, "data_source": bundle.source, "split_fingerprint": bundle.fingerprint,
+                      "preset": cfg.preset, "stage_digest": info["digest"], "kind": "stage"})
+    tracker.log_metrics({k: v for k, v in info.items() if isinstance(v, float)})
+    tracker.finish("FINISHED")
+    return {"method": cfg.method, "path": str(path), **info, "run_id": tracker.run_id}
+
+
 def train_command(cfg: Config, *, resume: bool, progress: bool, track: bool, run_dir: Path | None,
                   stop_after_volumes: int | None = None) -> dict[str, Any]:
     """``python -m benchmark train``: one method, one seed, tracked in the ``train`` experiment."""
     from benchmark.catalog import load_all
     from benchmark.train import resolve_device
 
+    if cfg.method in STAGE_METHODS:
+        return train_stage_command(cfg, progress=progress, track=track)
     load_all()
     METHODS.get(cfg.method)  # an unknown method fails before any data is touched
     dist.init_from_env(resolve_device(cfg.train.device))

@@ -52,3 +52,19 @@ def test_bad_set_in_subprocess_has_no_traceback() -> None:
     out = subprocess.run([sys.executable, "-m", "benchmark", "train", "--set", "x.y=1", "--dry-run"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.startswith("error: unknown")
+
+
+def test_train_heads_and_prior_are_cached_stages(mlflow_uri: str, smoke_args: list[str], capsys, tmp_path,
+                                                 monkeypatch) -> None:
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    for stage in ("heads", "prior"):
+        assert main(["train", "--method", stage, *smoke_args]) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert Path(first["path"]).is_file() and first["method"] == stage
+        if stage == "heads":
+            assert 0.0 <= first["heads_test_bac"] <= 1.0 and first["heads_test_mse"] >= 0.0
+        assert main(["train", "--method", stage, *smoke_args]) == 0  # found again by digest, not retrained
+        again = json.loads(capsys.readouterr().out)
+        assert again["digest"] == first["digest"] and again["run_id"] != first["run_id"]
