@@ -211,14 +211,18 @@ def _smoke() -> dict[str, Any]:
 
 
 def _quick() -> dict[str, Any]:
-    """32^3, 1/4 widths, 300 synthetic subjects, minutes a method: `make run` on a CPU laptop."""
+    """32^3, 1/4 widths, 300 synthetic subjects, about a minute a method: `make run` on a CPU laptop."""
     return {
         "data.synth_n": 300, "data.size": 32,
         "model.width": 0.25, "model.latent_dim": 128, "model.clinical_embed_dim": 32, "model.style_dim": 128,
         "model.disc_width": 0.25, "model.perceptual_backbone": "resnet3d_aux",
-        "train.budget_volumes": 2400, "train.batch_size": 4, "train.val_every_volumes": 480,
-        "train.checkpoint_every_volumes": 480, "train.plateau_patience": 3, "train.early_stop_patience": 0,
-        "heads.width": 8, "heads.epochs": 12, "prior.steps": 3000,
+        # 1000 volumes (~4 epochs): the five Table 2 methods train in ~6 min on 2 cores (bench at 32^3, batch 4:
+        # 0.32-0.56 s a step), so that `make run` stays under 15 min with stages and evaluation.
+        "train.budget_volumes": 1000, "train.batch_size": 4, "train.val_every_volumes": 500,
+        "train.checkpoint_every_volumes": 500, "train.plateau_patience": 3, "train.early_stop_patience": 0,
+        # lr 1e-3, not the paper's 1e-4: 12 epochs at 1e-4 leave the regressor worse than predicting the mean
+        # (validation MSE 1.6 in standardised units vs 0.8 at 1e-3; measured on the quick cohort)
+        "heads.width": 8, "heads.epochs": 12, "heads.lr": 1e-3, "prior.steps": 3000,
         "wgan.z_dim": 64, "wgan.width": 0.25,
         "stylegan.z_dim": 128, "stylegan.w_dim": 128, "stylegan.fmaps": 0.25, "stylegan.mapping_layers": 4,
         "eval.n_generated": 64, "eval.n_prior_vectors": 200, "eval.n_draws": 3,
