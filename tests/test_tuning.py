@@ -32,6 +32,8 @@ def test_four_trials_two_workers_journal(mlflow_uri: str, smoke_args: list[str],
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) >= 4
     assert study.trials[0].params["rec"] == pytest.approx(10.0)  # the paper's weights come first
+    # the two workers explore different weights (same-seeded samplers would propose the same ones)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
     client = MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name("brainmri/tune")
     parent = client.search_runs([exp.experiment_id], filter_string="tags.optuna_study = 's1'")[0]
@@ -52,8 +54,8 @@ def test_pruned_trial_is_marked_in_both(mlflow_uri: str, smoke_args: list[str], 
     monkeypatch.chdir(tmp_path)
     real_create = tuning.create_study
 
-    def always_prune(cfg, name, storage):
-        study = real_create(cfg, name, storage)
+    def always_prune(cfg, name, storage, worker=0):
+        study = real_create(cfg, name, storage, worker)
         study.pruner = optuna.pruners.ThresholdPruner(upper=-1.0)  # every FID is above -1: prune
         return study
 
