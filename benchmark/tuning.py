@@ -160,7 +160,8 @@ def _worker(cfg_flat: dict[str, Any], study_name: str, storage_url: str, trials:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url)
     study = create_study(cfg, study_name, storage, worker)
-    study.optimize(objective_factory(cfg, parent_run_id, progress), timeout=timeout, catch=(),
+    # catch: a trial that raises is recorded as FAIL (and in MLflow) and the worker goes on to the next one
+    study.optimize(objective_factory(cfg, parent_run_id, progress), timeout=timeout, catch=(Exception,),
                    callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,
                                                                              TrialState.PRUNED))])
 

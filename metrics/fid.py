@@ -31,6 +31,9 @@ def _as_f64(x: ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+_TINY = 1e-300
+
+
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
@@ -45,8 +48,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         eps: diagonal offset for the retry.
 
     Raises:
-        ValueError: shapes disagree, or the square root has a non-negligible imaginary diagonal
-            (|imag| > 1e-3: the inputs are not covariance matrices).
+        ValueError: shapes disagree. A non-negligible imaginary part of the square root (|imag| > 1e-3, from
+            singular covariances) switches to :func:`trace_sqrt_product_psd` with a warning.
     """
     mu1, mu2 = np.atleast_1d(_as_f64(mu1)), np.atleast_1d(_as_f64(mu2))
     sigma1, sigma2 = np.atleast_2d(_as_f64(sigma1)), np.atleast_2d(_as_f64(sigma2))
@@ -72,9 +75,29 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             worst = np.max(np.abs(np.diagonal(covmean).imag))
-            raise ValueError(f"frechet_distance: sqrtm has a non-negligible imaginary component ({worst:.3g})")
+            for sigma in (sigma1, sigma2):
+                eig = np.linalg.eigvalsh((sigma + sigma.T) / 2.0)
+                if eig.min() < -1e-6 * max(abs(eig).max(), _TINY):
+                    raise ValueError(f"frechet_distance: sqrtm has a non-negligible imaginary component ({worst:.3g})"
+                                     " and an input is not positive semi-definite (not a covariance matrix)")
+            warnings.warn(f"frechet_distance: sqrtm(sigma1 @ sigma2) has an imaginary component ({worst:.3g}), "
+                          "typical of rank-deficient covariances (fewer samples than features); using the "
+                          "symmetric form tr sqrt(S1^1/2 S2 S1^1/2)", RuntimeWarning, stacklevel=2)
+            return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                         - 2.0 * trace_sqrt_product_psd(sigma1, sigma2))
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def trace_sqrt_product_psd(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrtm(S1 S2) for symmetric PSD S1, S2, as tr sqrt(S1^1/2 S2 S1^1/2): that matrix is symmetric PSD, so its
+    eigenvalues are real (round-off negatives clipped to 0), where the general sqrtm of the non-symmetric product
+    can drift into complex values when the covariances are singular."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2.0)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 class FeatureStats:

@@ -123,3 +123,18 @@ def test_compute_features_streams_tensor_or_iterable() -> None:
         assert s.n == 10
         np.testing.assert_allclose(s.mean, direct.mean(0), rtol=1e-6)
         np.testing.assert_allclose(s.cov, np.cov(direct, rowvar=False), rtol=1e-5, atol=1e-9)
+
+
+def test_symmetric_trace_form_equals_scipy_and_handles_singular_covariances() -> None:
+    from metrics.fid import trace_sqrt_product_psd
+
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(40, 6)) * 2.0
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert trace_sqrt_product_psd(s1, s2) == pytest.approx(np.trace(scipy.linalg.sqrtm(s1 @ s2)).real, rel=1e-9)
+    # 5 samples in 32 dimensions: rank-4 covariances, where FID must stay finite and non-negative
+    x, y = rng.normal(size=(5, 32)), rng.normal(size=(5, 32))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    value = np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product_psd(s1, s2)
+    assert np.isfinite(value) and value >= -1e-9
+    assert frechet_distance(np.zeros(32), s1, np.zeros(32), s1) == pytest.approx(0.0, abs=1e-5 * np.trace(s1))
