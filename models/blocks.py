@@ -185,6 +185,26 @@ def conv3x3x3(in_channels: int, out_channels: int, separable: bool, stride: int 
 # --- modulated kernels -------------------------------------------------------------------------------------------
 
 
+def modulated_pointwise(h: Tensor, weight: Tensor, s: Tensor, d: Tensor | None, bias: Tensor | None) -> Tensor:
+    """A 1x1x1 convolution with per-sample weights ``d[n, o] * weight[o, i] * s[n, i]`` (+ bias) as one batched GEMM.
+
+    Folding the modulation and demodulation into the [N, Cout, Cin] weights replaces two elementwise passes over
+    full-resolution activations (and their backward reductions) by work on the tiny weight tensor: measured on CPU,
+    the elementwise ``x * s`` / ``h * d`` multiplies took about a third of a training step of ``ours`` at 64^3.
+    ``h [N, Cin, D, H, W]``, ``weight [Cout, Cin]``, ``s [N, Cin]``, ``d [N, Cout]`` -> ``[N, Cout, D, H, W]``.
+    """
+    n, cin = s.shape
+    wn = weight.unsqueeze(0) * s.unsqueeze(1)
+    if d is not None:
+        wn = wn * d.unsqueeze(2)
+    flat = h.reshape(n, cin, -1)
+    if bias is None:
+        out = torch.bmm(wn, flat)
+    else:
+        out = torch.baddbmm(bias.view(1, -1, 1).expand(n, -1, flat.shape[2]), wn, flat)
+    return out.view(n, -1, *h.shape[2:])
+
+
 class ModulatedSeparableConv3d(nn.Module):
     """StyleGAN2 modulation/demodulation of a separable kernel, driven by a style vector w.
 
@@ -194,10 +214,11 @@ class ModulatedSeparableConv3d(nn.Module):
     output channels: ``W'[n, o, i, k] = d[n, o] * P[o, i] * s[n, i] * Dw[i, k]`` with
     ``d[n, o] = 1 / sqrt(sum_i P[o, i]^2 * s[n, i]^2 * ||Dw_i||^2)``.
 
-    Computed as "scale input -> depthwise -> pointwise -> scale output", which equals the grouped convolution with W'
-    exactly (:meth:`forward_grouped`, a test checks both) because the per-sample factors s and d commute with the
-    shared spatial kernels. Why this path: it keeps the separable cost (``Cin * k^3 + Cin * Cout`` MACs per voxel,
-    shared weights, so the fast depthwise kernel and channels-last layouts apply), whereas the grouped path
+    Computed as "depthwise -> pointwise with per-sample weights d * P * s" (:func:`modulated_pointwise`), which equals
+    the grouped convolution with W' exactly (:meth:`forward_grouped`, a test checks both) because the per-sample
+    factors s and d commute with the shared spatial kernels. Why this path: it keeps the separable cost
+    (``Cin * k^3 + Cin * Cout`` MACs per voxel, a shared depthwise kernel, so the fast kernel applies), whereas the
+    grouped path
     materialises N dense [Cout, Cin, k^3] kernels and runs a groups=N dense convolution (``Cin * Cout * k^3`` MACs
     per voxel, ~27x more at 256 channels).
 
@@ -229,12 +250,10 @@ class ModulatedSeparableConv3d(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         s = self.styles(w)
-        n, cin = s.shape
-        h = _depthwise(x * s.view(n, cin, 1, 1, 1), self.depthwise_weight, self.padding)
-        h = F.conv3d(h, self.pointwise_weight[:, :, None, None, None])
-        if self.demodulate:
-            h = h * demodulation(self.weight_sq(), s).view(n, -1, 1, 1, 1)
-        return h if self.bias is None else h + self.bias.view(1, -1, 1, 1, 1)
+        d = demodulation(self.weight_sq(), s) if self.demodulate else None
+        # s commutes with the per-channel depthwise kernel, so it joins d in the per-sample pointwise weights
+        h = _depthwise(x, self.depthwise_weight, self.padding)
+        return modulated_pointwise(h, self.pointwise_weight, s, d, self.bias)
 
     def forward_grouped(self, x: Tensor, w: Tensor) -> Tensor:
         """The same map through :func:`modulated_conv3d` with the explicit effective kernel (slow; reference)."""
@@ -269,9 +288,12 @@ class ModulatedConv3d(nn.Module):
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         s = self.styles(w)
         n, cin = s.shape
+        d = demodulation(self.weight.square().flatten(2).sum(2), s) if self.demodulate else None
+        if self.weight.shape[2:] == (1, 1, 1):
+            return modulated_pointwise(x, self.weight.flatten(1), s, d, self.bias)
         h = F.conv3d(x * s.view(n, cin, 1, 1, 1), self.weight, padding=self.padding)
-        if self.demodulate:
-            h = h * demodulation(self.weight.square().flatten(2).sum(2), s).view(n, -1, 1, 1, 1)
+        if d is not None:
+            h = h * d.view(n, -1, 1, 1, 1)
         return h if self.bias is None else h + self.bias.view(1, -1, 1, 1, 1)
 
     def forward_grouped(self, x: Tensor, w: Tensor) -> Tensor:
