@@ -321,3 +321,16 @@ def test_ours_smoke_training_lowers_validation_l1() -> None:
     after = m.validation_losses(val)["val_l1"]
     zero_volume = float(val["x"].abs().mean())
     assert after < 0.9 * before and after < 0.95 * zero_volume, (before, after, zero_volume)
+
+
+@pytest.mark.parametrize("style_dim", [None, 8])
+def test_decoder_stage_mixes_before_upsampling_without_changing_the_map(style_dim: int | None) -> None:
+    from models.vaegan import DecoderStage
+
+    torch.manual_seed(0)
+    stage = DecoderStage(12, 6, separable=True, style_dim=style_dim)
+    for p in stage.parameters():  # non-zero biases, so that their commuting with the upsampling is tested too
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 12, 4, 4, 4)
+    w = torch.randn(2, 8) if style_dim else None
+    torch.testing.assert_close(stage(x, w), stage.forward_reference(x, w), atol=1e-5, rtol=1e-5)
