@@ -61,13 +61,30 @@ def _child_tags(cfg: Config, suite: str) -> dict[str, str]:
 
 
 def _finished_child(suite: str, cfg: Config) -> Any:
-    """A FINISHED run of this exact config in the suite's experiment (reused instead of retraining)."""
-    from benchmark.runner import run_digest
-    from benchmark.tracking import find_runs
+    """An evaluated run of this exact config in the suite's experiment (reused instead of retraining).
 
-    runs = find_runs(None, f"tags.config_digest = '{run_digest(cfg)}' and attributes.status = 'FINISHED' "
-                     f"and tags.method = '{cfg.method}'")
-    return next((r for r in runs if r.tags.get("evaluated") == "1" and "reused_from" not in r.tags), None)
+    A FINISHED run wins. A run left RUNNING by a kill after evaluation (its ``metrics.json`` already written, only
+    the status update missing) counts too, and is closed as FINISHED here so the next query finds it directly.
+    """
+    import json
+
+    from benchmark.runner import default_run_dir, run_digest
+    from benchmark.tracking import MlflowTracker, find_runs
+
+    runs = [r for r in find_runs(None, f"tags.config_digest = '{run_digest(cfg)}' and tags.method = '{cfg.method}'")
+            if r.tags.get("evaluated") == "1" and "reused_from" not in r.tags]
+    finished = next((r for r in runs if r.status == "FINISHED"), None)
+    if finished is not None:
+        return finished
+    summary = default_run_dir(cfg) / "metrics.json"
+    if not summary.is_file() or not json.loads(summary.read_text()).get("finished"):
+        return None
+    orphan = next((r for r in runs if r.status == "RUNNING"), None)
+    if orphan is not None:
+        tracker = MlflowTracker.attach(orphan.run_id)
+        tracker.log_artifact(summary)
+        tracker.finish("FINISHED")
+    return orphan
 
 
 def run_suite(name: str, cfg: Config, *, seeds: int = 1, progress: bool = True, fresh: bool = False) -> int:

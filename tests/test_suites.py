@@ -86,7 +86,15 @@ def test_killed_suite_does_not_retrain_finished_methods(stage_cache: Path, tmp_p
     proc.wait()
     assert done(), "wgan_gp never finished"
     time.sleep(0.5)
+    # Whether or not the kill landed between metrics.json and the status update, force that window's state:
+    # the evaluated run is left RUNNING, and the rerun must still reuse it (and close it).
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    ids = [e.experiment_id for e in client.search_experiments()]
+    evaluated = client.search_runs(ids, filter_string="tags.method = 'wgan_gp' and tags.evaluated = '1'")
+    assert len(evaluated) == 1
+    client.update_run(evaluated[0].info.run_id, status="RUNNING")
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "wgan_gp-seed0: reused finished run" in out.stdout
     assert "stylegan2-seed0: training" in out.stdout or "stylegan2-seed0: reused" in out.stdout
+    assert client.get_run(evaluated[0].info.run_id).info.status == "FINISHED"
