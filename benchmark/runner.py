@@ -345,7 +345,7 @@ def param_table(cfg: Config, size: int | None = None) -> dict[str, dict[str, int
 class _MetaHeads:
     """Stands in for the frozen heads when only counting parameters (they are not part of any generator)."""
 
-    def losses(self, x: Any, c: Any) -> dict[str, Any]:  # pragma: no cover - never called when counting
+    def losses(self, x: Any, c: Any, classifier_maps: Any = None) -> dict[str, Any]:  # pragma: no cover - counting
         raise RuntimeError("meta heads are for parameter counting only")
 
     def features(self, x: Any) -> Any:  # pragma: no cover

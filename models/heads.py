@@ -132,10 +132,13 @@ class ResNet18Sep3d(nn.Module):
         """Global-average-pooled last stage: [N, 8 * width]."""
         return self.feature_maps(x)[-1].mean(dim=(2, 3, 4))
 
+    def head(self, last_map: Tensor) -> Tensor:
+        """Outputs from the last stage's map: pool, then fc (features only when there is no fc)."""
+        pooled = last_map.mean(dim=(2, 3, 4))
+        return pooled if self.fc is None else self.fc(pooled)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.fc is None:
-            return self.features(x)
-        return self.fc(self.features(x))
+        return self.head(self.feature_maps(x)[-1])
 
 
 class ClinicalHeads(nn.Module):
@@ -175,20 +178,23 @@ class ClinicalHeads(nn.Module):
         _check_volume(x)
         return self.classifier.feature_maps(x)
 
-    def losses(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+    def losses(self, x: Tensor, c: Tensor, classifier_maps: list[Tensor] | None = None) -> dict[str, Tensor]:
         """L_cls (cross-entropy, mean) and L_reg (MSE on standardised ratios, mean); differentiable w.r.t. x.
 
         Args:
             x: [N, 1, D, H, W] volumes (real or generated).
             c: [N, 7] standardised clinical vectors, label 0/1 at index 6.
+            classifier_maps: ``feature_maps(x)`` when the caller already has them (the ``resnet3d_aux`` perceptual
+                loss runs the same frozen classifier on the same x_hat): the logits then cost no second pass.
         Returns:
             {"cls": scalar, "reg": scalar}.
         """
         if c.ndim != 2 or c.shape[1] != N_ROI + 1 or c.shape[0] != x.shape[0]:
             raise ValueError(f"expected c [N={x.shape[0]}, {N_ROI + 1}], got shape {tuple(c.shape)}")
         label = c[:, LABEL_INDEX].round().long()
+        logits = self.logits(x) if classifier_maps is None else self.classifier.head(classifier_maps[-1])
         return {
-            "cls": F.cross_entropy(self.logits(x), label),
+            "cls": F.cross_entropy(logits, label),
             "reg": F.mse_loss(self.ratios(x), c[:, :N_ROI].to(x.dtype)),
         }
 

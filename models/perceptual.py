@@ -195,12 +195,17 @@ class PerceptualLoss(nn.Module):
                 feats.append(h)
         return feats
 
-    def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
-        """x_hat, x: [N, 1, D, H, W] (z-scored intensities). Returns the scalar L1 feature distance (float32)."""
+    def forward(self, x_hat: Tensor, x: Tensor, fake_maps: list[Tensor] | None = None) -> Tensor:
+        """x_hat, x: [N, 1, D, H, W] (z-scored intensities). Returns the scalar L1 feature distance (float32).
+
+        ``fake_maps``: ``heads.feature_maps(x_hat)`` computed by the caller (``resnet3d_aux`` only), shared with L_cls.
+        """
         if self.backbone_name == "resnet3d_aux":
             with torch.no_grad():
                 real = self._heads.feature_maps(x)
-            return _mean_l1(self._heads.feature_maps(x_hat), real)
+            return _mean_l1(self._heads.feature_maps(x_hat) if fake_maps is None else fake_maps, real)
+        if fake_maps is not None:
+            raise ValueError("fake_maps applies to perceptual_backbone=resnet3d_aux only")
         if self.mean.device != x.device:
             self.to(x.device)
         lo = x.detach().amin(dim=(1, 2, 3, 4), keepdim=True)

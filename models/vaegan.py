@@ -71,7 +71,17 @@ from benchmark.config import Config
 from benchmark.data.contract import CLINICAL_DIM
 from benchmark.registry import METHODS
 from models.base import GenerativeMethod
-from models.blocks import ScaledLeakyReLU, SeparableConv3d, conv3x3x3, modulated_conv3x3x3, style_conv, xavier_init_
+from models.blocks import (
+    GainConv3d,
+    ScaledLeakyReLU,
+    SeparableConv3d,
+    conv3x3x3,
+    modulated_conv3x3x3,
+    pointwise_conv,
+    style_conv,
+    with_folded_gain,
+    xavier_init_,
+)
 from models.losses import gan_d_loss, gan_g_loss, kl_diag_gaussians, l1_reconstruction, weighted_total
 from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
 
@@ -109,10 +119,11 @@ class ClinicalLossProvider(Protocol):
     """What L_cls/L_reg need from the frozen heads (``models.heads.ClinicalHeads``).
 
     ``losses(x [N, 1, D, H, W], c [N, 7] standardised, label at index 6) -> {"cls": scalar, "reg": scalar}``,
-    differentiable w.r.t. x.
+    differentiable w.r.t. x; ``classifier_maps`` (the classifier's ``feature_maps(x)``, when the resnet3d_aux
+    perceptual loss already computed them) spares the classifier's second pass.
     """
 
-    def losses(self, x: Tensor, c: Tensor) -> dict[str, Tensor]: ...
+    def losses(self, x: Tensor, c: Tensor, classifier_maps: list[Tensor] | None = None) -> dict[str, Tensor]: ...
 
 
 def _ch(base: int, width: float) -> int:
@@ -163,7 +174,7 @@ class Encoder(nn.Module):
         stages = []
         cin = 1
         for i, c in enumerate(chans):
-            layers = [conv3x3x3(cin, c, separable), _act(), conv3x3x3(c, c, separable), _act()]
+            layers = [*with_folded_gain(conv3x3x3(cin, c, separable)), *with_folded_gain(conv3x3x3(c, c, separable))]
             if i < len(chans) - 1:
                 layers.append(nn.MaxPool3d(2))
             stages.append(nn.Sequential(*layers))
@@ -233,9 +244,11 @@ class DecoderStage(nn.Module):
             self.mix: nn.Module = style_conv(cin, cout, style_dim)
             self.conv: nn.Module = modulated_conv3x3x3(cout, cout, style_dim, separable)
         else:
-            self.mix = xavier_init_(nn.Conv3d(cin, cout, 1))
+            self.mix = xavier_init_(GainConv3d(cin, cout, 1))
             self.conv = conv3x3x3(cout, cout, separable)
-        self.act = _act()
+        # ScaledLeakyReLU after both convs, its gain folded into their weights (with_folded_gain)
+        with_folded_gain(self.mix)
+        self.act = with_folded_gain(self.conv)[1]
 
     def forward(self, x: Tensor, w: Tensor | None = None) -> Tensor:
         # mix(upsample(x)) == upsample(mix(x)): the 1x1x1 mix (with its per-sample modulation and bias) acts per
@@ -292,7 +305,7 @@ class Decoder(nn.Module):
         for stage in self.stages:
             use = self.grad_checkpoint and self.training
             h = _run(stage, use, h, w) if w is not None else _run(stage, use, h)
-        return self.out(h)
+        return pointwise_conv(h, self.out)
 
 
 class PatchDiscriminator(nn.Module):
@@ -318,11 +331,11 @@ class PatchDiscriminator(nn.Module):
             # 4x4x4 as in pix2pix; padding 1 halves even sizes at stride 2; at stride 1 an explicit (1, 2) pad keeps
             # the size ("same"), so 16^3 inputs still give a 2^3 map (pix2pix's padding 1 would shrink it to 0).
             if stride == 2:
-                return xavier_init_(nn.Conv3d(a, b, 4, stride=2, padding=1, bias=bias))
+                return xavier_init_(GainConv3d(a, b, 4, stride=2, padding=1, bias=bias))
             return nn.Sequential(nn.ConstantPad3d((1, 2) * 3, 0.0), xavier_init_(nn.Conv3d(a, b, 4, bias=bias)))
 
         self.body = nn.Sequential(
-            conv(cin, c0, 2, True), _act(),
+            *with_folded_gain(conv(cin, c0, 2, True)),  # the largest activation; the others follow a norm
             conv(c0, c1, 2, False), nn.InstanceNorm3d(c1, affine=True), _act(),
             conv(c1, c2, 2, False), nn.InstanceNorm3d(c2, affine=True), _act(),
             conv(c2, c3, 1, False), nn.InstanceNorm3d(c3, affine=True), _act(),
@@ -507,15 +520,19 @@ class VAEGANMethod(GenerativeMethod):
                          "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p)}
                 if v.adversarial:
                     terms["adv"] = gan_g_loss(self.D(_diff_augment(x_hat, policy), c), m.adv_loss)
+                # resnet3d_aux runs the frozen classifier on x_hat, as L_cls does: one pass serves both (exact).
+                shared = (v.perceptual and v.aux and not m.aux_on_prior
+                          and self._perceptual.backbone_name == "resnet3d_aux")
+                fake_maps = self._heads.feature_maps(x_hat) if shared else None
                 if v.perceptual:
-                    terms["perc"] = self._perceptual(x_hat, x)
+                    terms["perc"] = self._perceptual(x_hat, x, fake_maps=fake_maps)
                 if v.aux:
                     aux_x, aux_c = x_hat, c
                     if m.aux_on_prior:
                         eps_p = self.batch_noise("prior", n, (k,), step, x.device).to(mu_p.dtype)
                         z_p = mu_p + torch.exp(0.5 * logvar_p) * eps_p
                         aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c)]), torch.cat([c, c])
-                    aux = self._heads.losses(aux_x, aux_c)
+                    aux = self._heads.losses(aux_x, aux_c, classifier_maps=fake_maps)
                     terms["cls"], terms["reg"] = aux["cls"], aux["reg"]
                 total = weighted_total(terms, self.cfg.loss)
         finally:

@@ -10,15 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blocks import (
+    GainConv3d,
     ModulatedConv3d,
     ModulatedSeparableConv3d,
+    ScaledLeakyReLU,
     SeparableConv3d,
     StyleAffine,
     _depthwise,
     conv3x3x3,
     modulated_conv3d,
     modulated_conv3x3x3,
+    pointwise_conv,
     style_conv,
+    with_folded_gain,
     xavier_init_,
 )
 
@@ -126,3 +130,42 @@ def test_blocks_build_on_meta_device() -> None:
         layer = ModulatedSeparableConv3d(512, 256, 256)
     assert layer.depthwise_weight.is_meta
     assert sum(p.numel() for p in layer.parameters()) == 256 * 512 + 512 + 512 * 27 + 512 * 256 + 256
+
+
+@pytest.mark.parametrize("kind", ["separable", "dense", "modulated_separable", "modulated_dense", "style_conv"])
+def test_folded_gain_equals_scaled_leaky_relu_after_the_layer(kind: str) -> None:
+    """with_folded_gain(layer) computes ScaledLeakyReLU(layer(x)), values and gradients, for every layer kind."""
+    build = {"separable": lambda: SeparableConv3d(3, 5), "dense": lambda: conv3x3x3(3, 5, separable=False),
+             "modulated_separable": lambda: ModulatedSeparableConv3d(3, 5, 4),
+             "modulated_dense": lambda: ModulatedConv3d(3, 5, 4, kernel_size=3),
+             "style_conv": lambda: style_conv(3, 5, 4)}
+    layer = build[kind]()
+    x, w = torch.randn(2, 3, 6, 6, 6, requires_grad=True), torch.randn(2, 4)
+    args = (x,) if kind in ("separable", "dense") else (x, w)
+    with torch.no_grad():  # non-zero biases, so their scaling is checked too
+        (layer.pointwise.bias if kind == "separable" else layer.bias).uniform_(-0.5, 0.5)
+    reference = ScaledLeakyReLU(0.2)(layer(*args))
+    grad_ref = torch.autograd.grad(reference.square().sum(), x)[0]
+    folded_layer, act = with_folded_gain(layer)
+    folded = act(folded_layer(*args))
+    assert folded_layer.out_gain == pytest.approx(math.sqrt(2 / 1.04)) and isinstance(act, nn.LeakyReLU)
+    torch.testing.assert_close(folded, reference)
+    torch.testing.assert_close(torch.autograd.grad(folded.square().sum(), x)[0], grad_ref)
+    if hasattr(folded_layer, "forward_grouped"):  # the reference paths scale the same way
+        torch.testing.assert_close(act(folded_layer.forward_grouped(*args)), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_folded_gain_needs_a_layer_that_can_scale_its_output() -> None:
+    with pytest.raises(TypeError, match="Conv3d cannot fold"):
+        with_folded_gain(nn.Conv3d(1, 2, 1))
+    assert isinstance(conv3x3x3(1, 2, separable=False), GainConv3d)
+
+
+def test_pointwise_gemm_path_matches_conv_for_one_channel_and_channels_last() -> None:
+    conv = nn.Conv3d(1, 6, 1)
+    one = torch.randn(2, 1, 4, 5, 3)  # a single channel is channels-last and contiguous at once: GEMM path
+    torch.testing.assert_close(pointwise_conv(one, conv), conv(one))
+    many = torch.randn(2, 6, 4, 5, 3).to(memory_format=torch.channels_last_3d)
+    back = nn.Conv3d(6, 1, 1)
+    torch.testing.assert_close(pointwise_conv(many, back), back(many))
+    torch.testing.assert_close(pointwise_conv(many, back, 1.5), 1.5 * back(many))

@@ -42,8 +42,8 @@ class HeadsStub(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         return self.feature_maps(x)[-1].mean(dim=(2, 3, 4))
 
-    def losses(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
-        f = self.features(x)
+    def losses(self, x: Tensor, c: Tensor, classifier_maps: list[Tensor] | None = None) -> dict[str, Tensor]:
+        f = self.features(x) if classifier_maps is None else classifier_maps[-1].mean(dim=(2, 3, 4))
         return {"cls": F.cross_entropy(self.cls(f), c[:, 6].round().long()), "reg": F.mse_loss(self.reg(f), c[:, :6])}
 
 
@@ -98,7 +98,7 @@ def test_methods_build_on_meta_for_counting(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # no EfficientNet weights anywhere
 
     class LossesOnly:
-        def losses(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:  # pragma: no cover - never called
+        def losses(self, x: Tensor, c: Tensor, classifier_maps: object = None) -> dict[str, Tensor]:  # pragma: no cover
             raise AssertionError
 
     for backbone, frozen in (("efficientnet_b0", {"perceptual": 5_288_548}), ("resnet3d_aux", {})):
@@ -299,17 +299,41 @@ def test_ours_trains_with_the_real_heads() -> None:
 
 
 @pytest.mark.slow
+def test_resnet3d_aux_shares_the_classifier_pass_with_l_cls() -> None:
+    """ours with resnet3d_aux: the classifier runs on x_hat once (perceptual + L_cls) and on x once, same losses."""
+    from models.heads import ClinicalHeads
+
+    torch.manual_seed(0)
+    heads = ClinicalHeads(width=2).freeze()
+    b = _batch(2, 16)
+    x_hat = torch.randn_like(b["x"], requires_grad=True)
+    maps = heads.feature_maps(x_hat)
+    shared, alone = heads.losses(x_hat, b["c"], classifier_maps=maps), heads.losses(x_hat, b["c"])
+    for key in ("cls", "reg"):
+        torch.testing.assert_close(shared[key], alone[key])
+    m = METHODS.get("ours")(_cfg("ours"), heads=heads)
+    m.setup()
+    torch.testing.assert_close(m.perceptual(x_hat, b["x"], fake_maps=maps), m.perceptual(x_hat, b["x"]))
+    calls = []
+    hook = heads.classifier.stem.register_forward_hook(lambda *_: calls.append(1))
+    m.training_step(b, 0)
+    hook.remove()
+    assert len(calls) == 2  # x_hat (shared) and x (perceptual target); it was 3
+
+
 def test_ours_smoke_training_lowers_validation_l1() -> None:
     """200 steps of ``ours`` at 32^3 (width 1/8, real frozen heads): validation L1 drops below the zero volume's.
 
-    lr_g is 1e-3 (10x the paper's): L1 on z-scored volumes with an exactly-0 background has a long plateau at the
+    lr_g is 2e-3 (20x the paper's): L1 on z-scored volumes with an exactly-0 background has a long plateau at the
     zero volume (a decoder fitting one fixed toy volume leaves it after ~900 Adam steps at lr 1e-3; MSE has none),
-    and at 1e-4 200 steps only remove the initial output noise (val L1 -1%; 3e-4: -9%; 1e-3: -19%).
+    and at 1e-4 200 steps only remove the initial output noise (val L1 -1%; 3e-4: -9%; 1e-3: -19%). At 1e-3 the
+    200-step result also depends on the run (global seeds 0-3: 0.20-0.28 against a zero volume of 0.237, so a
+    rounding-level change could fail it); at 2e-3 seeds 0-7 gave 0.18-0.22.
     """
     from models.heads import ClinicalHeads
 
     size = 32
-    overrides = {"data.size": size, **TINY, "model.width": 0.125, "train.lr_g": 1e-3}
+    overrides = {"data.size": size, **TINY, "model.width": 0.125, "train.lr_g": 2e-3}
     cfg = resolve("smoke", method="ours", overrides=overrides)
     m = METHODS.get("ours")(cfg, heads=ClinicalHeads(width=4).freeze())
     m.setup()
@@ -320,6 +344,7 @@ def test_ours_smoke_training_lowers_validation_l1() -> None:
         m.training_step({"x": train["x"][idx], "c": train["c"][idx]}, step)
     after = m.validation_losses(val)["val_l1"]
     zero_volume = float(val["x"].abs().mean())
+    print(f"val L1 {before:.4f} -> {after:.4f} (zero volume {zero_volume:.4f})")
     assert after < 0.9 * before and after < 0.95 * zero_volume, (before, after, zero_volume)
 
 
