@@ -17,6 +17,7 @@ from benchmark.data.synthetic import (
     default_synthetic_cohort,
     label_ratios,
     measure_roi_ratios,
+    reduce_grey_white_contrast,
     synthesize_cohort,
 )
 
@@ -50,6 +51,28 @@ def test_ad_direction(cohort40: Path) -> None:
         columns = [ROI_NAMES[left], ROI_NAMES[right]]
         ad_mean, cn_mean = ad[columns].sum(axis=1).mean(), cn[columns].sum(axis=1).mean()
         assert (ad_mean > cn_mean) if name == "lateral_ventricle" else (ad_mean < cn_mean), name
+
+
+def test_contrast_loss_narrows_the_grey_white_gap_only() -> None:
+    t = np.linspace(0.0, 1.0, 2001, dtype=np.float32)
+    out = reduce_grey_white_contrast(t, 0.2)
+    assert np.all(np.diff(out) > 0)  # strictly increasing: no contrast inversion
+    csf, gm, wm = np.searchsorted(t, [0.28, 0.65, 0.86])
+    assert out[csf] == t[csf] and abs(out[wm] - t[wm]) < 1e-6 and np.all(out[wm:] == t[wm:])
+    assert out[gm] == pytest.approx(t[gm] + 0.2 * (0.86 - t[gm]), abs=1e-6)  # 20 % of the gap to WM
+    assert np.array_equal(reduce_grey_white_contrast(t, 0.0), t)
+
+
+def test_ad_grey_matter_is_closer_to_white_matter(cohort40: Path) -> None:
+    """Cortical grey vs deep white intensity gap (z units) is smaller in AD on average (Salat et al. 2011)."""
+    table = pd.read_csv(cohort40 / "clinical.csv")
+    gaps = {"AD": [], "CN": []}
+    for row in table.itertuples(index=False):
+        x = np.asarray(nib.load(cohort40 / row.image).dataobj)
+        tissue = np.asarray(nib.load(cohort40 / row.label_map).dataobj) == 7
+        lo, hi = np.percentile(x[tissue], [25, 90])  # grey-ish and white-ish tissue intensities
+        gaps[row.diagnosis].append(hi - lo)
+    assert np.mean(gaps["AD"]) < np.mean(gaps["CN"])
 
 
 def test_images_reflect_label_map(cohort40: Path) -> None:

@@ -29,7 +29,10 @@ Subject model. Each subject is the template under
     correction from the volumes actually reached in subject space;
 (2) a smooth random global deformation (5³ control points, 2 mm) and a small random affine;
 (3) mild global atrophy: a share of the outermost 1 mm of cortex becomes sulcal CSF (more in AD, overlapping);
-(4) a smooth multiplicative bias field (±3 %), a random gamma and Rician noise.
+(4) reduced grey/white-matter contrast: grey matter brightens towards white matter by a subject fraction of their
+    difference (more in AD, overlapping), the T1 contrast loss of Salat et al. 2011 (NeuroImage 54:1795, GWC
+    reduced in AD and tied to hippocampal degeneration);
+(5) a smooth multiplicative bias field (±3 %), a random gamma and Rician noise.
 The template is edited so that the image shows what the label map says: a white-matter collar around hippocampus
 and amygdala and a thin white septum between them (the recipe's ellipsoids cut through continuous grey matter,
 which would make their volumes invisible). Each structure's label volume / whole-brain volume approximately equals
@@ -69,7 +72,7 @@ from benchmark.data.contract import DIAGNOSES, N_ROI, ROI_NAMES
 from benchmark.data.errors import DataError
 from benchmark.data.preprocess import cube_affine, cube_box, save_nifti_atomic, zscore_in_mask
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 LABEL_TISSUE = N_ROI + 1  # 7
 LABEL_CSF = N_ROI + 2  # 8
 WHOLE_BRAIN_LABELS = (1, 2, 3, 4, LABEL_TISSUE)  # hippocampi, amygdalae, other tissue
@@ -107,6 +110,12 @@ TRUNCATE_SD = 4.0
 # with overlap (d ≈ 1.25), as cortical thinning of ~0.2-0.5 mm in AD vs age-matched controls.
 ATROPHY_MEAN = {"CN": 0.15, "AD": 0.40}
 ATROPHY_SD = 0.2
+# Grey/white contrast loss: fraction of the WM-GM intensity gap that grey matter loses (Salat et al. 2011). Its size
+# is not published in these units; d = 1.5 puts the whole cohort's AD/CN separability (with the ROI ratios and the
+# sulcal widening) in the range of real-ADNI 3-D classifiers (balanced accuracy 0.75-0.95; docs/DESIGN.md §9).
+CONTRAST_LOSS_MEAN = {"CN": 0.03, "AD": 0.09}
+CONTRAST_LOSS_SD = 0.04
+_CONTRAST_RAMP = (0.45, 0.65)  # template T1: CSF/GM border -> typical GM; the loss ramps in over this range
 
 # Template-only structure recipe (ROI-STATISTICS.md §5), mm in MNI space; left side, x mirrored for the right.
 _ELLIPSOIDS = {  # centre, semi-axes (x, long, short), tilt of the long axis (anterior end down)
@@ -536,6 +545,7 @@ class SubjectParams:
     gamma: float
     noise: float  # Rician noise SD relative to the WM intensity
     atrophy: float  # fraction of the outer cortical layer (1 mm) turned to sulcal CSF, in [0, 1]
+    contrast_loss: float  # fraction of the WM-GM intensity gap lost by grey matter, in [0, 0.5]
 
 
 def draw_subject(rng: np.random.Generator, diagnosis: str, ratios: RatioDistribution = DEFAULT_RATIOS) -> SubjectParams:
@@ -557,7 +567,8 @@ def draw_subject(rng: np.random.Generator, diagnosis: str, ratios: RatioDistribu
     gamma = float(np.exp(rng.uniform(-0.1, 0.1)))
     noise = float(rng.uniform(0.015, 0.04))
     atrophy = float(np.clip(rng.normal(ATROPHY_MEAN[diagnosis], ATROPHY_SD), 0.0, 1.0))
-    return SubjectParams(target, affine, warp, bias, gamma, noise, atrophy)
+    contrast_loss = float(np.clip(rng.normal(CONTRAST_LOSS_MEAN[diagnosis], CONTRAST_LOSS_SD), 0.0, 0.5))
+    return SubjectParams(target, affine, warp, bias, gamma, noise, atrophy, contrast_loss)
 
 
 def _target_factors(anatomy: TemplateAnatomy, ratios: np.ndarray, atrophy: float) -> tuple[np.ndarray, float]:
@@ -735,6 +746,8 @@ def synthesize_subject(
         lost = (code > 0) & (code.astype(np.float32) <= params.atrophy * 255.0) & (labels == LABEL_TISSUE)
         labels[lost] = LABEL_CSF
         t1 += params.atrophy * ndimage.map_coordinates(space.cortex_delta, coords, order=1, mode="constant", cval=0.0)
+    if params.contrast_loss > 0:
+        t1 = reduce_grey_white_contrast(t1, params.contrast_loss)
     bias = np.exp(_separable(params.bias.astype(np.float32), _interpolation_taps(s, params.bias.shape[0], 3, True)))
     _keep_every_structure(labels, coords, anatomy)
     brain = labels > 0
@@ -745,6 +758,18 @@ def synthesize_subject(
     magnitude = np.sqrt(real * real + imag * imag)  # Rician
     magnitude[~brain] = 0.0  # skull-stripped, as a prepared real scan
     return zscore_in_mask(magnitude.astype(np.float32), brain), labels
+
+
+def reduce_grey_white_contrast(t1: np.ndarray, loss: float) -> np.ndarray:
+    """Move grey-matter intensities a fraction `loss` of the way to white matter (template T1 scale).
+
+    The weight ramps from 0 at the CSF/GM border to 1 at typical grey matter, and the shift vanishes at the WM
+    intensity, so CSF and WM keep their values and the map stays strictly increasing (slope >= 1 - loss): no
+    contrast inversion, only a smaller GM/WM gap.
+    """
+    lo, hi = _CONTRAST_RAMP
+    ramp = np.clip((t1 - lo) / (hi - lo), 0.0, 1.0)
+    return (t1 + loss * np.clip(_WM_T1 - t1, 0.0, None) * ramp).astype(np.float32)
 
 
 def _keep_every_structure(labels: np.ndarray, coords: np.ndarray, anatomy: TemplateAnatomy) -> None:
