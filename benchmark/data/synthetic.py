@@ -72,7 +72,7 @@ from benchmark.data.contract import DIAGNOSES, N_ROI, ROI_NAMES
 from benchmark.data.errors import DataError
 from benchmark.data.preprocess import cube_affine, cube_box, save_nifti_atomic, zscore_in_mask
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 LABEL_TISSUE = N_ROI + 1  # 7
 LABEL_CSF = N_ROI + 2  # 8
 WHOLE_BRAIN_LABELS = (1, 2, 3, 4, LABEL_TISSUE)  # hippocampi, amygdalae, other tissue
@@ -111,9 +111,9 @@ TRUNCATE_SD = 4.0
 ATROPHY_MEAN = {"CN": 0.15, "AD": 0.40}
 ATROPHY_SD = 0.2
 # Grey/white contrast loss: fraction of the WM-GM intensity gap that grey matter loses (Salat et al. 2011). Its size
-# is not published in these units; d = 1.5 puts the whole cohort's AD/CN separability (with the ROI ratios and the
+# is not published in these units; d = 2 puts the whole cohort's AD/CN separability (with the ROI ratios and the
 # sulcal widening) in the range of real-ADNI 3-D classifiers (balanced accuracy 0.75-0.95; docs/DESIGN.md §9).
-CONTRAST_LOSS_MEAN = {"CN": 0.03, "AD": 0.09}
+CONTRAST_LOSS_MEAN = {"CN": 0.03, "AD": 0.11}
 CONTRAST_LOSS_SD = 0.04
 _CONTRAST_RAMP = (0.45, 0.65)  # template T1: CSF/GM border -> typical GM; the loss ramps in over this range
 
