@@ -135,6 +135,11 @@ def xavier_init_(module: nn.Module, gain: float = 1.0) -> nn.Module:
     return module
 
 
+def leaky_relu_gain(negative_slope: float) -> float:
+    """sqrt(2 / (1 + slope^2)): the factor that keeps unit variance through a LeakyReLU (He et al. 2015)."""
+    return math.sqrt(2.0 / (1.0 + negative_slope**2))
+
+
 class ScaledLeakyReLU(nn.Module):
     """LeakyReLU(0.2) times sqrt(2 / (1 + 0.2^2)), the gain that keeps unit activation variance (He et al. 2015).
 
@@ -146,7 +151,7 @@ class ScaledLeakyReLU(nn.Module):
     def __init__(self, negative_slope: float = 0.2) -> None:
         super().__init__()
         self.negative_slope = negative_slope
-        self.gain = math.sqrt(2.0 / (1.0 + negative_slope**2))
+        self.gain = leaky_relu_gain(negative_slope)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.leaky_relu(x, self.negative_slope) * self.gain
@@ -162,8 +167,7 @@ def with_folded_gain(layer: nn.Module, negative_slope: float = 0.2) -> list[nn.M
     """
     if not hasattr(layer, "out_gain"):
         raise TypeError(f"{type(layer).__name__} cannot fold an output gain (no out_gain attribute)")
-    act = ScaledLeakyReLU(negative_slope)
-    layer.out_gain = act.gain
+    layer.out_gain = leaky_relu_gain(negative_slope)
     return [layer, nn.LeakyReLU(negative_slope)]
 
 
@@ -278,9 +282,8 @@ class ModulatedSeparableConv3d(nn.Module):
     the grouped convolution with W' exactly (:meth:`forward_grouped`, a test checks both) because the per-sample
     factors s and d commute with the shared spatial kernels. Why this path: it keeps the separable cost
     (``Cin * k^3 + Cin * Cout`` MACs per voxel, a shared depthwise kernel, so the fast kernel applies), whereas the
-    grouped path
-    materialises N dense [Cout, Cin, k^3] kernels and runs a groups=N dense convolution (``Cin * Cout * k^3`` MACs
-    per voxel, ~27x more at 256 channels).
+    grouped path materialises N dense [Cout, Cin, k^3] kernels and runs a groups=N dense convolution
+    (``Cin * Cout * k^3`` MACs per voxel, ~27x more at 256 channels).
 
     ``forward(x [N, Cin, D, H, W], w [N, style_dim]) -> [N, Cout, D, H, W]``.
     """
