@@ -20,13 +20,26 @@ def _as_3d(volume: Tensor) -> Tensor:
     return volume
 
 
-def brain_mask(volume: Tensor) -> Tensor:
-    """Brain voxels ``[D, H, W]`` bool of a volume ``[1, D, H, W]`` or ``[D, H, W]``.
+def background_value(volume: Tensor) -> float:
+    """The volume's background intensity: the median of its outer shell of voxels.
 
-    Volumes are z-scored inside the brain with exactly 0 outside (DESIGN §3), so non-zero means brain;
-    an all-zero volume falls back to the whole volume.
+    Volumes hold the z-score of intensity 0 outside the brain (about -4.6, one constant per volume, DESIGN §9), and
+    the brain never touches the cube border (``benchmark.data.preprocess.CUBE_MARGIN``), so the border is background.
     """
-    mask = _as_3d(volume).abs() > 1e-6
+    v = _as_3d(volume)
+    shell = torch.cat([v[[0, -1]].flatten(), v[:, [0, -1]].flatten(), v[:, :, [0, -1]].flatten()])
+    return float(shell.median())
+
+
+def brain_mask(volume: Tensor, background: float | None = None) -> Tensor:
+    """Brain voxels ``[D, H, W]`` bool of a REAL volume ``[1, D, H, W]`` or ``[D, H, W]``.
+
+    Brain = every voxel whose value differs from the background value (``background``, default
+    :func:`background_value`); a volume that is all background falls back to the whole volume.
+    """
+    v = _as_3d(volume)
+    bg = background_value(v) if background is None else float(background)
+    mask = (v - bg).abs() > 1e-4 * max(1.0, abs(bg))
     return mask if bool(mask.any()) else torch.ones_like(mask)
 
 
