@@ -8,6 +8,7 @@ REGISTERING_MODULES = (
     "models.vaegan",
     "baselines.wgan_gp",
     "baselines.stylegan2",
+    "baselines.references",
     "benchmark.evaluation",
     "benchmark.suites",
     "benchmark.presets",

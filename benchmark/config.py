@@ -64,6 +64,9 @@ class LossConfig:
     perc: float = 20.0
     cls: float = 1.0
     reg: float = 1.0
+    # lambda_KL ramps linearly from 0 to `kl` over the first this many volumes seen (0 = the paper's constant weight;
+    # VAE-GAN rows only): the decoder learns to use z before the KL can collapse the posterior onto the prior.
+    kl_warmup_volumes: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class HeadsConfig:
     lr: float = 1e-4
     grad_clip: float = 5.0
     patience: int = 10
+    seed: int = 0  # construction and training of the shared stage (in its digest; independent of train.seed)
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,25 @@ class PriorConfig:
     grad_clip: float = 1.0
     timesteps: int = 500
     hidden: int = 128
+    seed: int = 0  # construction and training of the shared stage (in its digest; independent of train.seed)
 
 
+@dataclass(frozen=True)
+class FidNetConfig:
+    """The evaluation-only FID network (``fid_fidnet``): a MedicalNet-layout 3-D ResNet-18 trained once per
+    (cohort, split) on the training split, never used by any training loss (models/fid_network.py)."""
+
+    width: int = 8  # base width (MedicalNet: 64); pooled features have 8 x width dimensions
+    shortcut: str = "A"  # MedicalNet resnet_18: zero-padded identity shortcuts
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3  # AdamW, one-cycle cosine schedule
+    weight_decay: float = 1e-4
+    w_cls: float = 1.0  # AD/CN cross-entropy
+    w_reg: float = 1.0  # MSE on the six standardised ROI ratios
+    w_ssl: float = 1.0  # NT-Xent (SimCLR) between two augmented views
+    temperature: float = 0.2
+    seed: int = 0
 @dataclass(frozen=True)
 class WGANConfig:
     z_dim: int = 128
@@ -142,7 +163,9 @@ class EvalConfig:
     n_prior_vectors: int = 64  # clinical vectors for Table 4 (paper: 1000)
     n_draws: int = 5  # independent generation draws for mean +- std when --seeds 1
     n_slices: int = 32  # tri-planar slices per plane (paper: 32)
-    fid_extractor: str = "resnet18sep"  # or "medicalnet18" (needs medicalnet_weights)
+    # Default FID network (validation, pairing, nn_ratio, Optuna): "resnet18" = the evaluation-only network (no loss
+    # sees it); "resnet18sep" = the frozen AD/CN classifier `ours` trains against; "medicalnet18" (medicalnet_weights).
+    fid_extractor: str = "resnet18"
     medicalnet_weights: str = ""
     lpips_net: str = "alex"
     lpips_backbone: str = "pretrained"  # "random" = the offline variant, logged as lpips_triplanar_alexrand
@@ -185,6 +208,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    fidnet: FidNetConfig = field(default_factory=FidNetConfig)
     wgan: WGANConfig = field(default_factory=WGANConfig)
     stylegan: StyleGANConfig = field(default_factory=StyleGANConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -202,6 +226,7 @@ def _smoke() -> dict[str, Any]:
         "train.budget_volumes": 96, "train.batch_size": 4, "train.val_every_volumes": 48,
         "train.checkpoint_every_volumes": 48, "train.plateau_patience": 2, "train.early_stop_patience": 0,
         "heads.width": 4, "heads.epochs": 3, "prior.steps": 300, "prior.hidden": 64,
+        "fidnet.width": 4, "fidnet.epochs": 3, "fidnet.batch_size": 8,
         "wgan.z_dim": 32, "wgan.width": 0.125, "wgan.n_critic": 2,
         "stylegan.z_dim": 32, "stylegan.w_dim": 32, "stylegan.fmaps": 0.125, "stylegan.mapping_layers": 2,
         "eval.n_generated": 8, "eval.n_prior_vectors": 32, "eval.n_draws": 2, "eval.n_slices": 8,

@@ -24,7 +24,8 @@ from metrics.errors import MetricUnavailable
 
 MetricFn = Callable[["EvalContext"], dict[str, float]]
 
-TABLE_METRICS = ("params", "fid_resnet18sep", "ssim_triplanar", "lpips_triplanar_alex")
+TABLE_METRICS = ("params", "fid_resnet18", "fid_resnet18sep", "ssim_triplanar", "lpips_triplanar_alex",
+                 "ssim_nn_triplanar", "lpips_nn_triplanar_alex")
 CLINICAL_METRICS = ("bac", "roi_mse", "volume_consistency")
 
 
@@ -41,22 +42,42 @@ class _HeadFeatures(nn.Module):
 
 @dataclass
 class EvalContext:
+    """What the metrics of one evaluation share: the method, the shared stages, and products computed once.
+
+    Products (generated pools, paired volumes, feature statistics) are cached under keys that name everything they
+    depend on, the feature extractor included, so the order of a metric list never changes a value; no metric
+    changes the configuration.
+    """
+
     cfg: Config
     method: Any
-    bundle: DataBundle
-    heads: Any
-    prior: Any
-    heads_key: str
+    stages: Any  # benchmark.runner.SharedStages
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
     notes: dict[str, str] = field(default_factory=dict)
-    _cache: dict[str, Any] = field(default_factory=dict)
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def bundle(self) -> DataBundle:
+        return self.stages.bundle
+
+    @property
+    def heads(self) -> Any:
+        return self.stages.heads
+
+    @property
+    def prior(self) -> Any:
+        return self.stages.prior
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per key (a tuple naming every input of the product)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     # --- data ---------------------------------------------------------------------------------------------
     def test(self) -> tuple[Tensor, Tensor]:
-        if "test" not in self._cache:
-            self._cache["test"] = self.bundle.tensors("test")
-        return self._cache["test"]
+        return self.cached(("split", "test"), lambda: self.bundle.tensors("test"))
 
     def generator(self, draw: int, purpose: str) -> torch.Generator:
         """Independent, reproducible streams per (seed, draw, purpose)."""
@@ -82,35 +103,58 @@ class EvalContext:
             yield x.float().cpu(), (cc.cpu() if cc is not None else None)
 
     # --- features -----------------------------------------------------------------------------------------
+    def extractor_for(self, name: str) -> Any:
+        """The FID feature extractor ``name``: ``resnet18`` (the evaluation-only network, trained on the training
+        split and used by no loss), ``resnet18sep`` (the frozen AD/CN classifier, which `ours` is trained against),
+        ``medicalnet18`` (MedicalNet weights from ``eval.medicalnet_weights``)."""
+        return self.cached(("extractor", name), lambda: _make_extractor(self, name))
+
     @property
     def extractor(self) -> Any:
-        if "extractor" not in self._cache:
-            from metrics.extractors import FrozenBackboneExtractor, load_medicalnet18
+        """The default extractor (``eval.fid_extractor``): validation FID, nearest-sample pairing, nn_ratio."""
+        return self.extractor_for(self.cfg.eval.fid_extractor)
 
-            if self.cfg.eval.fid_extractor == "medicalnet18":
-                path = self.cfg.eval.medicalnet_weights or None
-                self._cache["extractor"] = load_medicalnet18(path).to(self.device)
-            else:
-                self._cache["extractor"] = FrozenBackboneExtractor(_HeadFeatures(self.heads), "resnet18sep")
-        return self._cache["extractor"]
-
-    def real_stats(self, part: str) -> Any:
+    def real_stats(self, part: str, extractor: str | None = None) -> Any:
         """Feature statistics of a real split, cached on disk under (data, split, extractor weights)."""
         from metrics.fid import FeatureStats, compute_features
 
-        key = f"{part}-{self.extractor.name}-{self.heads_key}-{self.cfg.eval.medicalnet_weights.replace('/', '_')}"
-        if key in self._cache:
-            return self._cache[key]
-        path = Path(self.cfg.data.cache_dir) / "fid-stats" / f"{key}.npz"
-        if path.is_file():
-            stats = FeatureStats.load(path)
-        else:
+        ext = self.extractor_for(extractor or self.cfg.eval.fid_extractor)
+
+        def make() -> Any:
+            name = extractor or self.cfg.eval.fid_extractor
+            path = Path(self.cfg.data.cache_dir) / "fid-stats" / f"{part}-{name}-{_extractor_key(self, name)}.npz"
+            if path.is_file():
+                return FeatureStats.load(path)
             x, _ = self.bundle.tensors(part) if part != "test" else self.test()
-            stats = compute_features(self.extractor, x, batch_size=self.cfg.eval.batch_size, device=self.device)
+            stats = compute_features(ext, x, batch_size=self.cfg.eval.batch_size, device=self.device)
             path.parent.mkdir(parents=True, exist_ok=True)
             stats.save(path)
-        self._cache[key] = stats
-        return stats
+            return stats
+
+        return self.cached(("real_stats", part, extractor or self.cfg.eval.fid_extractor), make)
+
+
+def _extractor_key(ctx: EvalContext, name: str) -> str:
+    """What an extractor's weights depend on: the stage digest, or the weights file."""
+    if name == "resnet18sep":
+        return ctx.stages.heads_key
+    if name == "medicalnet18":
+        return ctx.cfg.eval.medicalnet_weights.replace("/", "_")
+    return str(ctx.stages.fid_info.get("digest", ""))
+
+
+def _make_extractor(ctx: EvalContext, name: str) -> Any:
+    from metrics.extractors import FrozenBackboneExtractor, load_medicalnet18
+
+    if name == "medicalnet18":
+        return load_medicalnet18(ctx.cfg.eval.medicalnet_weights or None).to(ctx.device)
+    if name == "resnet18sep":
+        return FrozenBackboneExtractor(_HeadFeatures(ctx.heads), "resnet18sep")
+    if name == "resnet18":
+        if ctx.stages.fid_net is None:
+            raise MetricUnavailable("the evaluation-only FID network was not prepared with the shared stages")
+        return ctx.stages.fid_net.to(ctx.device)
+    raise MetricUnavailable(f"unknown FID extractor {name!r}; valid: resnet18, resnet18sep, medicalnet18")
 
 
 def _register(name: str) -> Callable[[MetricFn], MetricFn]:
@@ -130,68 +174,102 @@ def params_metric(ctx: EvalContext) -> dict[str, float]:
     return out
 
 
-def _fid(ctx: EvalContext) -> dict[str, float]:
+def _fid(ctx: EvalContext, extractor: str) -> dict[str, float]:
+    """FID of ``eval.n_draws`` generated sets of ``eval.n_generated`` volumes against the test split."""
     from metrics.fid import compute_features, fid_from_stats, fid_notes
 
-    name = f"fid_{ctx.extractor.name}"
-    real = ctx.real_stats("test")
+    ext = ctx.extractor_for(extractor)
+    name = f"fid_{extractor}"
+    real = ctx.real_stats("test", extractor)
     values = []
     n = ctx.cfg.eval.n_generated
     for draw in range(ctx.cfg.eval.n_draws):
-        stats = compute_features(ctx.extractor, (x for x, _ in ctx.generate(n, draw)),
+        stats = compute_features(ext, (x for x, _ in ctx.generate(n, draw)),
                                  batch_size=ctx.cfg.eval.batch_size, device=ctx.device)
         values.append(fid_from_stats(stats, real))
-    floor = fid_from_stats(ctx.real_stats("train"), real)
     dim = int(real.mean.shape[0])
     note = fid_notes(min(n, int(real.n)), dim)
     sampling = "diffusion-prior clinical vectors" if ctx.method.conditional else "latent prior"
+    shared = "; shares weights with the training losses of `ours` (L_cls, resnet3d_aux L_perc)" \
+        if extractor == "resnet18sep" else ""
     ctx.notes[f"note.{name}"] = (f"{n} generated vs {int(real.n)} test volumes, {len(values)} draws; "
-                                 f"sampling: {sampling}" + (f"; {note}" if note else ""))
+                                 f"sampling: {sampling}" + (f"; {note}" if note else "") + shared)
     arr = np.asarray(values)
-    return {name: float(arr.mean()), f"{name}_std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            f"{name}_floor": float(floor), f"{name}_n_generated": float(n), f"{name}_n_real": float(real.n)}
+    out = {name: float(arr.mean()), f"{name}_std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+           f"{name}_n_generated": float(n), f"{name}_n_real": float(real.n)}
+    out.update({f"{name}_draw{i}": float(v) for i, v in enumerate(values)})  # for significance tests over draws
+    return out
+
+
+@_register("fid_resnet18")
+def fid_resnet18(ctx: EvalContext) -> dict[str, float]:
+    """Frechet distance on the evaluation-only 3-D ResNet-18 (trained on the training split, used by no loss)."""
+    return _fid(ctx, "resnet18")
 
 
 @_register("fid_resnet18sep")
 def fid_resnet18sep(ctx: EvalContext) -> dict[str, float]:
-    """Frechet distance on the frozen AD/CN classifier's global-pooled features, generated vs test split."""
-    return _fid(ctx)
+    """Frechet distance on the frozen AD/CN classifier's features: `ours` is trained against this network."""
+    return _fid(ctx, "resnet18sep")
 
 
 @_register("fid_medicalnet18")
 def fid_medicalnet18(ctx: EvalContext) -> dict[str, float]:
     """Frechet distance on MedicalNet ResNet-18 features (weights from eval.medicalnet_weights, a local file)."""
-    from dataclasses import replace
+    return _fid(ctx, "medicalnet18")
 
-    if ctx.cfg.eval.fid_extractor != "medicalnet18":
-        ctx.cfg = replace(ctx.cfg, eval=replace(ctx.cfg.eval, fid_extractor="medicalnet18"))
-        ctx._cache.pop("extractor", None)
-    return _fid(ctx)
+
+def nearest_samples(ctx: EvalContext, extractor: str | None = None) -> Tensor:
+    """For each test subject, the nearest of ``eval.n_generated`` samples (draw 0) in ``extractor``'s feature space.
+
+    Streams the generated chunks and keeps only the best candidate per subject, so memory holds n_test volumes
+    whatever ``n_generated`` is (2000 at 128^3 in ``paper``).
+    """
+    name = extractor or ctx.cfg.eval.fid_extractor
+
+    def make() -> Tensor:
+        ext = ctx.extractor_for(name)
+        x, _ = ctx.test()
+        feats_real = torch.cat([ext(xb.to(ctx.device)).double().cpu() for xb in x.split(ctx.cfg.eval.batch_size)])
+        best_d = torch.full((len(x),), math.inf, dtype=torch.float64)
+        best = torch.empty_like(x)
+        n = max(ctx.cfg.eval.n_generated, len(x))
+        for chunk, _ in ctx.generate(n, 0):
+            d = torch.cdist(feats_real, ext(chunk.to(ctx.device)).double().cpu())
+            d_min, arg = d.min(dim=1)
+            better = d_min < best_d
+            best_d = torch.where(better, d_min, best_d)
+            best[better] = chunk[arg[better]].float()
+        return best
+
+    return ctx.cached(("nearest_samples", name), make)
 
 
 def paired_volumes(ctx: EvalContext) -> tuple[Tensor, Tensor, str]:
-    """Each test subject's real volume beside what the method makes for it (DESIGN §5 pairing)."""
-    if "paired" in ctx._cache:
-        return ctx._cache["paired"]
-    x, c = ctx.test()
-    bs = ctx.cfg.eval.batch_size
-    ctx.method.eval()
-    if ctx.method.has_encoder:
-        fake = torch.cat([ctx.method.reconstruct(x[i : i + bs].to(ctx.device), c[i : i + bs].to(ctx.device)).cpu()
-                          for i in range(0, len(x), bs)])
-        pairing = "reconstruction"
-    elif ctx.method.conditional:
-        fake = torch.cat([v for v, _ in ctx.generate(len(x), 0, c=c)])
-        pairing = "conditional_sample"
-    else:
-        pool = torch.cat([v for v, _ in ctx.generate(max(ctx.cfg.eval.n_generated, len(x)), 0)])
-        feats_fake = ctx.extractor(pool.to(ctx.device)).cpu()
-        feats_real = ctx.extractor(x.to(ctx.device)).cpu()
-        nearest = torch.cdist(feats_real.double(), feats_fake.double()).argmin(dim=1)
-        fake = pool[nearest]
-        pairing = "nearest_sample_in_feature_space"
-    ctx._cache["paired"] = (x, fake.float(), pairing)
-    return ctx._cache["paired"]
+    """Each test subject's real volume beside what the method makes for it (DESIGN §5 pairing): the
+    reconstruction (encoder methods), the sample for its own clinical vector (conditional), else the nearest
+    generated sample in feature space."""
+
+    def make() -> tuple[Tensor, Tensor, str]:
+        x, c = ctx.test()
+        bs = ctx.cfg.eval.batch_size
+        ctx.method.eval()
+        if ctx.method.has_encoder:
+            fake = torch.cat([ctx.method.reconstruct(x[i : i + bs].to(ctx.device), c[i : i + bs].to(ctx.device))
+                              .cpu() for i in range(0, len(x), bs)])
+            return x, fake.float(), "reconstruction"
+        if ctx.method.conditional:
+            return x, torch.cat([v for v, _ in ctx.generate(len(x), 0, c=c)]).float(), "conditional_sample"
+        return x, nearest_samples(ctx), f"nearest_sample_in_feature_space ({ctx.cfg.eval.fid_extractor})"
+
+    return ctx.cached(("paired", ctx.cfg.eval.fid_extractor), make)
+
+
+def nearest_pairs(ctx: EvalContext) -> tuple[Tensor, Tensor, str]:
+    """The pairing every method can take (Table 3 like-for-like): each test subject beside the nearest of the
+    method's unconditional/prior samples in the default FID extractor's feature space."""
+    x, _ = ctx.test()
+    return x, nearest_samples(ctx), f"nearest_sample_in_feature_space ({ctx.cfg.eval.fid_extractor})"
 
 
 def _with_ci(ctx: EvalContext, name: str, per_volume: np.ndarray, pairing: str) -> dict[str, float]:
@@ -200,29 +278,48 @@ def _with_ci(ctx: EvalContext, name: str, per_volume: np.ndarray, pairing: str) 
     low, high = bootstrap_ci(per_volume, n_boot=ctx.cfg.eval.bootstrap, seed=ctx.cfg.train.seed)
     ctx.notes[f"pairing.{name}"] = pairing
     return {name: float(per_volume.mean()), f"{name}_std": float(per_volume.std(ddof=1)) if len(per_volume) > 1
-            else 0.0, f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}
+            else 0.0, f"{name}_ci_low": float(low), f"{name}_ci_high": float(high), f"{name}_n": float(len(per_volume))}
+
+
+def _ssim(ctx: EvalContext, name: str, pairs: tuple[Tensor, Tensor, str]) -> dict[str, float]:
+    from metrics.ssim import ssim_triplanar
+
+    real, fake, pairing = pairs
+    return _with_ci(ctx, name, ssim_triplanar(real, fake, n=ctx.cfg.eval.n_slices).double().numpy(), pairing)
+
+
+def _lpips(ctx: EvalContext, infix: str, pairs: tuple[Tensor, Tensor, str]) -> dict[str, float]:
+    from metrics.lpips import lpips_triplanar, metric_name
+
+    name = metric_name(ctx.cfg.eval.lpips_net, ctx.cfg.eval.lpips_backbone).replace("lpips_", f"lpips_{infix}", 1)
+    real, fake, pairing = pairs
+    values = lpips_triplanar(real, fake, net=ctx.cfg.eval.lpips_net, n=ctx.cfg.eval.n_slices,
+                             backbone=ctx.cfg.eval.lpips_backbone).double().numpy()
+    return _with_ci(ctx, name, values, pairing)
 
 
 @_register("ssim_triplanar")
 def ssim_triplanar_metric(ctx: EvalContext) -> dict[str, float]:
     """Tri-planar SSIM (32 slices per plane inside the brain box, Gaussian sigma 1.5), per-volume mean."""
-    from metrics.ssim import ssim_triplanar
-
-    real, fake, pairing = paired_volumes(ctx)
-    values = ssim_triplanar(real, fake, n=ctx.cfg.eval.n_slices).double().numpy()
-    return _with_ci(ctx, "ssim_triplanar", values, pairing)
+    return _ssim(ctx, "ssim_triplanar", paired_volumes(ctx))
 
 
 @_register("lpips_triplanar_alex")
 def lpips_triplanar_metric(ctx: EvalContext) -> dict[str, float]:
     """Tri-planar LPIPS (AlexNet, slices in [-1, 1]); `_alexrand` when the random-backbone variant is chosen."""
-    from metrics.lpips import lpips_triplanar, metric_name
+    return _lpips(ctx, "", paired_volumes(ctx))
 
-    name = metric_name(ctx.cfg.eval.lpips_net, ctx.cfg.eval.lpips_backbone)
-    real, fake, pairing = paired_volumes(ctx)
-    values = lpips_triplanar(real, fake, net=ctx.cfg.eval.lpips_net, n=ctx.cfg.eval.n_slices,
-                             backbone=ctx.cfg.eval.lpips_backbone).double().numpy()
-    return _with_ci(ctx, name, values, pairing)
+
+@_register("ssim_nn_triplanar")
+def ssim_nn_triplanar_metric(ctx: EvalContext) -> dict[str, float]:
+    """Tri-planar SSIM with one pairing for every method: each test subject vs its nearest generated sample."""
+    return _ssim(ctx, "ssim_nn_triplanar", nearest_pairs(ctx))
+
+
+@_register("lpips_nn_triplanar_alex")
+def lpips_nn_triplanar_metric(ctx: EvalContext) -> dict[str, float]:
+    """Tri-planar LPIPS with one pairing for every method: each test subject vs its nearest generated sample."""
+    return _lpips(ctx, "nn_", nearest_pairs(ctx))
 
 
 def _head_predictions(ctx: EvalContext, volumes: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -237,10 +334,12 @@ def _head_predictions(ctx: EvalContext, volumes: Tensor) -> tuple[np.ndarray, np
 
 def clinical_predictions(ctx: EvalContext) -> dict[str, np.ndarray]:
     """Heads applied to volumes generated from `eval.n_prior_vectors` prior vectors (Table 4), in chunks."""
-    if "clinical" in ctx._cache:
-        return ctx._cache["clinical"]
     if not ctx.method.conditional:
         raise MetricUnavailable(f"{type(ctx.method).__name__} is unconditional: no requested clinical vector")
+    return ctx.cached(("clinical",), lambda: _clinical_predictions(ctx))
+
+
+def _clinical_predictions(ctx: EvalContext) -> dict[str, np.ndarray]:
     n = ctx.cfg.eval.n_prior_vectors
     c = ctx.prior_vectors(n, draw=0)
     labels, ratios, measured = [], [], []
@@ -257,7 +356,6 @@ def clinical_predictions(ctx: EvalContext) -> dict[str, np.ndarray]:
            "pred_label": np.concatenate(labels), "pred_ratios": np.concatenate(ratios)}
     if measured:
         out["measured_ratios"] = np.concatenate(measured)
-    ctx._cache["clinical"] = out
     return out
 
 
@@ -288,7 +386,6 @@ def volume_consistency_metric(ctx: EvalContext) -> dict[str, float]:
     p = clinical_predictions(ctx)
     if "measured_ratios" not in p:
         raise MetricUnavailable("volumetric consistency on real data needs SynthSeg (`mri_synthseg` on PATH)")
-    ctx._cache["volumetry_points"] = (p["measured_ratios"], p["requested_ratios"])
     return {f"volume_{k}": float(v) for k, v in consistency(p["measured_ratios"], p["requested_ratios"]).items()}
 
 
@@ -297,32 +394,41 @@ def _features(ctx: EvalContext, x: Tensor) -> Tensor:
         return torch.cat([ctx.extractor(xb.to(ctx.device)).double().cpu() for xb in x.split(ctx.cfg.eval.batch_size)])
 
 
+def memorization(ctx: EvalContext) -> dict[str, Any]:
+    """Nearest-train / nearest-test distances of ``eval.n_generated`` samples (draw 0) and of the validation split
+    (the unseen-real reference), in the default extractor's features and in 1 - SSIM; plus the closest pairs."""
+    from metrics.memorization import closest_pairs, nn_ratio, nn_ratio_ssim
+
+    def make() -> dict[str, Any]:
+        gen = torch.cat([x for x, _ in ctx.generate(ctx.cfg.eval.n_generated, draw=0)])
+        train, _ = ctx.bundle.tensors("train")
+        test, _ = ctx.test()
+        val, _ = ctx.bundle.tensors("val")
+        f_gen, f_train, f_test, f_val = (_features(ctx, v) for v in (gen, train, test, val))
+        k = min(ctx.cfg.utility.memo_ssim_n, len(gen))
+        return {"ratios": nn_ratio(f_gen, f_train, f_test), "reference": nn_ratio(f_val, f_train, f_test),
+                "ratios_ssim": nn_ratio_ssim(gen[:k], train, test, n=ctx.cfg.eval.n_slices),
+                "reference_ssim": nn_ratio_ssim(val[:k], train, test, n=ctx.cfg.eval.n_slices),
+                "gen": gen, "train": train, "pairs": closest_pairs(f_gen, f_train, k=5),
+                "note": (f"{len(gen)} generated vs {len(train)} train / {len(test)} test volumes "
+                         f"({ctx.extractor.name} features; SSIM on {k}); reference = {len(val)} "
+                         "validation volumes (unseen real subjects)")}
+
+    return ctx.cached(("memorization", ctx.cfg.eval.fid_extractor), make)
+
+
 @_register("nn_ratio")
 def nn_ratio_metric(ctx: EvalContext) -> dict[str, float]:
     """Memorization: nearest-training / nearest-test distance of generated volumes (FID features and 1 - SSIM),
     beside the same ratio for unseen real volumes (validation split) as the no-memorization reference."""
-    from metrics.memorization import closest_pairs, nn_ratio, nn_ratio_ssim, summary
+    from metrics.memorization import summary
 
-    cfg = ctx.cfg.utility
-    gen = torch.cat([x for x, _ in ctx.generate(ctx.cfg.eval.n_generated, draw=0)])
-    train, _ = ctx.bundle.tensors("train")
-    test, _ = ctx.test()
-    val, _ = ctx.bundle.tensors("val")
-    f_gen, f_train, f_test, f_val = (_features(ctx, v) for v in (gen, train, test, val))
-    ratios = nn_ratio(f_gen, f_train, f_test)
-    reference = nn_ratio(f_val, f_train, f_test)
-    k = min(cfg.memo_ssim_n, len(gen))
-    ratios_ssim = nn_ratio_ssim(gen[:k], train, test, n=ctx.cfg.eval.n_slices)
-    reference_ssim = nn_ratio_ssim(val[:k], train, test, n=ctx.cfg.eval.n_slices)
-    ctx._cache["memorization"] = {"ratios": ratios, "reference": reference, "gen": gen, "train": train,
-                                  "pairs": closest_pairs(f_gen, f_train, k=5)}
-    ctx.notes["note.nn_ratio"] = (f"{len(gen)} generated vs {len(train)} train / {len(test)} test volumes "
-                                  f"({ctx.extractor.name} features; SSIM on {k}); reference = {len(val)} "
-                                  "validation volumes (unseen real subjects)")
+    memo = memorization(ctx)
+    ctx.notes["note.nn_ratio"] = memo["note"]
     out: dict[str, float] = {}
-    for prefix, values in (("nn_ratio", ratios), ("nn_ratio_ref", reference), ("nn_ratio_ssim", ratios_ssim),
-                           ("nn_ratio_ssim_ref", reference_ssim)):
-        stats = summary(values, cfg.memo_threshold)
+    for prefix, key in (("nn_ratio", "ratios"), ("nn_ratio_ref", "reference"), ("nn_ratio_ssim", "ratios_ssim"),
+                        ("nn_ratio_ssim_ref", "reference_ssim")):
+        stats = summary(memo[key], ctx.cfg.utility.memo_threshold)
         out.update({f"{prefix}_{name}": v for name, v in stats.items() if name != "threshold"})
     out["nn_ratio"] = out["nn_ratio_median"]
     return out

@@ -29,14 +29,21 @@ class Column:
     digits: int = 3
     lower_is_better: bool = True
     tag: bool = False  # the cell is a tag of the run (text), not a metric
+    alternatives: tuple[str, ...] = ()  # other metric names of the same quantity (e.g. the offline LPIPS variant)
 
 
 IMAGE_COLUMNS = (
     Column("#Params (M)", "params_total", 1e-6, 1),
-    Column("FID", "fid_resnet18sep", 1.0, 2),
+    Column("FID", "fid_resnet18", 1.0, 2),
+    Column("FID (cls)", "fid_resnet18sep", 1.0, 2),
     Column("SSIM", "ssim_triplanar", 1.0, 3, lower_is_better=False),
-    Column("LPIPS", "lpips_triplanar_alex", 1.0, 3),
+    Column("LPIPS", "lpips_triplanar_alex", 1.0, 3, alternatives=("lpips_triplanar_alexrand",)),
+    Column("SSIM (NN)", "ssim_nn_triplanar", 1.0, 3, lower_is_better=False),
+    Column("LPIPS (NN)", "lpips_nn_triplanar_alex", 1.0, 3, alternatives=("lpips_nn_triplanar_alexrand",)),
 )
+REFERENCE_LABELS = {"real": "Real (train vs test, floor)", "train_copy": "train_copy (reference)",
+                    "mean_volume": "mean_volume (reference)"}
+ALPHA = 0.05
 CLINICAL_COLUMNS = (
     Column("BAC (%)", "bac", 100.0, 1, lower_is_better=False),
     Column("ROI MSE (x1e-5)", "roi_mse", 1e5, 2),
@@ -57,11 +64,9 @@ UTILITY_COLUMNS = (
 PRIOR_COLUMNS = ("mmd", "c2st_accuracy", "correlation_error")
 
 
-def _resolve_key(metrics: dict[str, float], key: str) -> str | None:
-    if key in metrics:
-        return key
-    variants = sorted(k for k in metrics if k.startswith(key) and not k.endswith(("_std", "_ci_low", "_ci_high")))
-    return variants[0] if variants else None
+def _resolve_key(metrics: dict[str, float], col: Column | str) -> str | None:
+    keys = (col,) if isinstance(col, str) else (col.key, *col.alternatives)
+    return next((k for k in keys if k in metrics), None)
 
 
 def _cell(runs: list[RunRecord], col: Column) -> tuple[str, str]:
@@ -70,10 +75,9 @@ def _cell(runs: list[RunRecord], col: Column) -> tuple[str, str]:
         return ", ".join(sorted({r.tags.get(col.key, "n/a") for r in runs})), ""
     key = None
     for r in runs:
-        key = key or _resolve_key(r.metrics, col.key)
+        key = key or _resolve_key(r.metrics, col)
     if key is None:
-        reasons = {r.tags.get(f"unavailable.{col.key}", "") for r in runs} - {""}
-        return ("n/a" + (f" ({next(iter(reasons))[:60]})" if reasons else ""), "")
+        return "n/a", ""
     values = np.array([r.metrics[key] for r in runs if key in r.metrics]) * col.scale
     if len(values) > 1:
         mean, std = float(values.mean()), float(values.std(ddof=1))
@@ -82,9 +86,86 @@ def _cell(runs: list[RunRecord], col: Column) -> tuple[str, str]:
         std_key = f"{key}_std"
         std = runs[0].metrics.get(std_key, float("nan")) * col.scale
     if col.key == "params_total":
-        return (f"{mean:.{col.digits}f}", key)
+        return (f"{mean:.{col.digits}f}" if mean else "–", key)
     text = f"{mean:.{col.digits}f}" + ("" if math.isnan(std) else f" ± {std:.{col.digits}f}")
     return text, key
+
+
+def _values(runs: list[RunRecord], col: Column) -> tuple[str | None, np.ndarray]:
+    key = next((k for k in (_resolve_key(r.metrics, col) for r in runs) if k), None)
+    if key is None:
+        return None, np.array([])
+    return key, np.array([r.metrics[key] for r in runs if key in r.metrics])
+
+
+def _pvalue(a_runs: list[RunRecord], b_runs: list[RunRecord], col: Column) -> float | None:
+    """Two-sided p-value for a difference between two rows of one column (see `significance_marks`)."""
+    from scipy import stats
+
+    key_a, a = _values(a_runs, col)
+    key_b, b = _values(b_runs, col)
+    if key_a is None or key_b is None:
+        return None
+    if len(a) > 1 and len(a) == len(b):
+        by_seed_a = {r.tags.get("seed"): r.metrics.get(key_a) for r in a_runs}
+        by_seed_b = {r.tags.get("seed"): r.metrics.get(key_b) for r in b_runs}
+        seeds = sorted(set(by_seed_a) & set(by_seed_b))
+        x = np.array([by_seed_a[k] for k in seeds], dtype=float)
+        y = np.array([by_seed_b[k] for k in seeds], dtype=float)
+        if len(seeds) < 2 or np.allclose(x - y, (x - y).mean()):
+            return 0.0 if len(seeds) >= 2 and not np.isclose((x - y).mean(), 0.0) else None
+        return float(stats.ttest_rel(x, y).pvalue)
+    ra, rb = a_runs[0].metrics, b_runs[0].metrics
+    draws_a = [v for k, v in sorted(ra.items()) if k.startswith(f"{key_a}_draw")]
+    draws_b = [v for k, v in sorted(rb.items()) if k.startswith(f"{key_b}_draw")]
+    if len(draws_a) > 1 and len(draws_b) > 1:
+        return float(stats.ttest_ind(draws_a, draws_b, equal_var=False).pvalue)
+    n_a, n_b = ra.get(f"{key_a}_n"), rb.get(f"{key_b}_n")
+    sd_a, sd_b = ra.get(f"{key_a}_std"), rb.get(f"{key_b}_std")
+    if None in (n_a, n_b, sd_a, sd_b) or n_a < 2 or n_b < 2 or (sd_a == 0 and sd_b == 0):
+        return None
+    return float(stats.ttest_ind_from_stats(ra[key_a], sd_a, n_a, rb[key_b], sd_b, n_b, equal_var=False).pvalue)
+
+
+def significance_marks(methods: tuple[str, ...], runs: dict[str, list[RunRecord]], columns: tuple[Column, ...]
+                       ) -> dict[tuple[str, str], str]:
+    """``{(method, column header): "*"}`` where a method differs from the column's best method, Holm-corrected
+    over the column's comparisons, so that a reader never reads noise as a result. Reference rows are not tested."""
+    out: dict[tuple[str, str], str] = {}
+    for col in columns:
+        if col.tag or col.key == "params_total":
+            continue
+        means = {m: float(_values(runs[m], col)[1].mean()) for m in methods if runs.get(m) and
+                 _values(runs[m], col)[0] is not None}
+        if len(means) < 2:
+            continue
+        best = min(means, key=means.get) if col.lower_is_better else max(means, key=means.get)
+        tests = [(m, _pvalue(runs[best], runs[m], col)) for m in means if m != best]
+        tests = sorted([(m, p) for m, p in tests if p is not None and math.isfinite(p)], key=lambda t: t[1])
+        for i, (m, p) in enumerate(tests):  # Holm step-down
+            if p * (len(tests) - i) >= ALPHA:
+                break
+            out[(m, col.header)] = "*"
+    return out
+
+
+def kendall_tau(methods: tuple[str, ...], runs: dict[str, list[RunRecord]], key: str) -> float | None:
+    """Mean Kendall tau between every pair of seeds' rankings of ``methods`` by metric ``key``."""
+    from itertools import combinations
+
+    from scipy import stats
+
+    by_seed: dict[str, dict[str, float]] = defaultdict(dict)
+    for m in methods:
+        for r in runs.get(m, []):
+            if key in r.metrics:
+                by_seed[r.tags.get("seed", "")][m] = r.metrics[key]
+    common = [m for m in methods if all(m in v for v in by_seed.values())]
+    if len(by_seed) < 2 or len(common) < 3:
+        return None
+    taus = [stats.kendalltau([a[m] for m in common], [b[m] for m in common]).statistic
+            for a, b in combinations(by_seed.values(), 2)]
+    return float(np.mean(taus))
 
 
 def children(parent_run_id: str, experiment: str, settings: TrackingSettings | None = None) -> list[RunRecord]:
@@ -125,25 +206,47 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
         real = RunRecord("", "Real", "", {}, {}, {k.removeprefix("real."): v for k, v in parent.metrics.items()
                                                   if k.startswith("real.")})
         rows.append(["Real (test split)"] + [_cell([real], c)[0] for c in columns])
-    for method in suite.methods:
-        runs = [r for r in by_method.get(method, []) if r.status == "FINISHED"]
+    finished = {m: [r for r in by_method.get(m, []) if r.status == "FINISHED"]
+                for m in (*suite.references, *suite.methods)}
+    marks = significance_marks(suite.methods, finished, columns)
+    for method in (*suite.references, *suite.methods):
+        runs = finished[method]
+        label = REFERENCE_LABELS.get(method, method)
         if not runs:
             failed = by_method.get(method)
-            rows.append([method] + (["FAILED" if failed else "missing"] * len(columns)))
+            rows.append([label] + (["FAILED" if failed else "missing"] * len(columns)))
             continue
         cells = []
         for c in columns:
             text, key = _cell(runs, c)
-            cells.append(text)
+            cells.append(text + marks.get((method, c.header), ""))
             if key:
                 used[c.header] = key
-        rows.append([method] + cells)
+        rows.append([label] + cells)
     n_seeds = max((len(v) for v in by_method.values()), default=1)
     if n_seeds > 1:
         note = f"± = standard deviation over {n_seeds} seeds (independent trainings)."
+        tau = kendall_tau(suite.methods, finished, "fid_resnet18")
+        if tau is not None:
+            note += f" Kendall's tau between the seeds' FID rankings: {tau:.2f} (1 = identical rankings)."
     else:
         note = ("± = FID: std over independent generation draws; SSIM/LPIPS: std over test subjects "
                 "(bootstrap 95% CIs in MLflow as *_ci_low/_ci_high); one training seed.")
+    if marks:
+        note += (" * = differs from the best method of its column (p < 0.05, Holm-corrected over the column's "
+                 + ("paired t-tests over seeds" if n_seeds > 1 else
+                    "Welch t-tests over generation draws (FID) or test subjects (SSIM/LPIPS)") + ").")
+    if suite.references:
+        note += (" Reference rows need no training: Real = random real training volumes at the same n as every "
+                 "generated set (the real-vs-real floor); train_copy = the training subject nearest to each "
+                 "requested clinical vector (a perfect memoriser); mean_volume = the training mean for every request.")
+    if any(c.key == "fid_resnet18sep" for c in columns):
+        note += (" FID = evaluation-only 3-D ResNet-18 trained on the training split, used by no loss; FID (cls) = "
+                 "the frozen AD/CN classifier, which shares weights with `ours`' training losses (L_cls and the "
+                 "resnet3d_aux perceptual loss), so it favours `ours` by construction. Pairing: SSIM/LPIPS pair each "
+                 "test subject with its reconstruction (encoder methods), its conditional sample (conditional "
+                 "methods) or the nearest generated sample (others); the (NN) columns use the nearest generated "
+                 "sample in the FID network's feature space for every method.")
     if suite.utility:
         note = ("BAC: a fresh classifier (heads' architecture, same budget per arm) tested on the real test split; "
                 "± = std over classifier seeds. Unconditional generators' volumes are labelled by the frozen "
@@ -152,6 +255,10 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
                 "reference is the same ratio for unseen validation volumes.")
     if used:
         note += " Metrics: " + ", ".join(f"{h} = {k}" for h, k in used.items()) + "."
+    reasons = sorted({f"{c.header}: {r.tags[f'unavailable.{c.key}']}" for c in columns for r in kids
+                      if f"unavailable.{c.key}" in r.tags})
+    if reasons:
+        note += " n/a = " + "; ".join(reasons) + "."
     if parent is not None:
         note += (f" Data: {parent.tags.get('data_source', '?')}; split {parent.tags.get('split_fingerprint', '?')};"
                  f" preset {parent.tags.get('preset', '?')}.")

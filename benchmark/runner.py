@@ -40,6 +40,14 @@ class SharedStages:
     prior_info: dict[str, Any]
     heads_key: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    fid_net: Any = None  # the evaluation-only FID extractor (`fid_resnet18`); no training loss sees it
+    fid_info: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_metrics(stages: SharedStages) -> dict[str, float]:
+    """The shared stages' own test figures (heads BAC/R^2, FID network probe BAC/R^2), logged beside every FID."""
+    info = {**stages.heads_info, **stages.fid_info}
+    return {f"stage.{k}": float(v) for k, v in info.items() if isinstance(v, (int, float)) and k != "digest"}
 
 
 def run_digest(cfg: Config) -> str:
@@ -58,14 +66,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def prepare_stages(cfg: Config, progress: bool = True) -> SharedStages:
-    from benchmark.stages import get_heads, get_prior, heads_digest
+    from benchmark.stages import get_fid_network, get_heads, get_prior, heads_digest
 
     bundle = load_bundle(cfg, progress=progress)
     heads, heads_info = get_heads(cfg, bundle, progress=progress)
     prior, prior_info = get_prior(cfg, bundle, progress=progress)
+    fid_net, fid_info = get_fid_network(cfg, bundle, progress=progress)
     tags = {"data_source": bundle.source, "split_fingerprint": bundle.fingerprint, "preset": cfg.preset,
-            "heads_digest": heads_info.get("digest", ""), "prior_digest": prior_info.get("digest", "")}
-    return SharedStages(bundle, heads, heads_info, prior, prior_info, heads_digest(cfg, bundle), tags)
+            "heads_digest": heads_info.get("digest", ""), "prior_digest": prior_info.get("digest", ""),
+            "fidnet_digest": fid_info.get("digest", "")}
+    return SharedStages(bundle, heads, heads_info, prior, prior_info, heads_digest(cfg, bundle), tags, fid_net,
+                        fid_info)
 
 
 def build_method(cfg: Config, heads: Any = None) -> Any:
@@ -99,8 +110,7 @@ def _val_fid_validator(cfg: Config, stages: SharedStages) -> Any:
 
     def validator(method: Any) -> dict[str, float]:
         small = replace(cfg, eval=replace(cfg.eval, n_draws=1))
-        ctx = EvalContext(small, method, stages.bundle, stages.heads, stages.prior, stages.heads_key,
-                          device=next(method.parameters()).device)
+        ctx = EvalContext(small, method, stages, device=next(method.parameters()).device)
         n = max(len(stages.bundle.dataset("val")), 16)
         stats = compute_features(ctx.extractor, (x for x, _ in ctx.generate(n, 0)), batch_size=cfg.eval.batch_size)
         return {"val_fid": fid_from_stats(stats, ctx.real_stats("val"))}
@@ -131,26 +141,34 @@ def run_method(
     if dist.is_main():
         tracker.log_params(flatten(cfg))
         tracker.set_tags(tags)
-        tracker.log_metrics({f"stage.{k}": v for k, v in stages.heads_info.items() if isinstance(v, float)})
+        tracker.log_metrics(stage_metrics(stages))
         (run_dir / "config.json").write_text(to_json(cfg) + "\n")
         stages.bundle.split.save(run_dir / "split.json")
-    train_src, val_src = _batch_sources(cfg, stages.bundle)
-    validator = _val_fid_validator(cfg, stages) if cfg.train.val_metric == "val_fid" else None
-    result = train(method, cfg, train_src, run_dir, tracker=tracker, val_data=val_src, extra_validator=validator,
-                   resume=resume, progress=progress, stop_after_volumes=stop_after_volumes)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    summary: dict[str, Any] = {"method": cfg.method, "volumes_seen": result.state.volumes_seen,
-                               "steps": result.state.step, "stopped_early": result.state.stopped_early}
-    budget_done = result.state.volumes_seen >= cfg.train.budget_volumes or result.state.stopped_early
-    if not budget_done or not dist.is_main():
-        return {**summary, "finished": False}
-    device = next(method.parameters()).device
-    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key, device=device,
-                      progress=progress)
+    if not getattr(method, "needs_training", True):
+        # A reference row (baselines/references.py): no training, the same evaluation as every method.
+        method.fit(stages.bundle)
+        summary: dict[str, Any] = {"method": cfg.method, "volumes_seen": 0, "steps": 0, "stopped_early": False,
+                                   "validations": []}
+        elapsed, device = 0.0, torch.device("cpu")
+        if not dist.is_main():
+            return {**summary, "finished": False}
+    else:
+        train_src, val_src = _batch_sources(cfg, stages.bundle)
+        validator = _val_fid_validator(cfg, stages) if cfg.train.val_metric == "val_fid" else None
+        result = train(method, cfg, train_src, run_dir, tracker=tracker, val_data=val_src, extra_validator=validator,
+                       resume=resume, progress=progress, stop_after_volumes=stop_after_volumes)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        summary = {"method": cfg.method, "volumes_seen": result.state.volumes_seen, "steps": result.state.step,
+                   "stopped_early": result.state.stopped_early, "validations": result.state.validations}
+        budget_done = result.state.volumes_seen >= cfg.train.budget_volumes or result.state.stopped_early
+        if not budget_done or not dist.is_main():
+            return {**summary, "finished": False}
+        elapsed, device = result.state.elapsed_s, next(method.parameters()).device
+    ctx = EvalContext(cfg, method, stages, device=device, progress=progress)
     metrics = evaluate(ctx, list(metric_names or method_metrics(method)))
     # Timings go to the tracker only: metrics.json stays a pure function of config and seed.
-    tracker.log_metrics({"time_train_s": result.state.elapsed_s, "time_per_volume_ms": _inference_ms(ctx)})
+    tracker.log_metrics({"time_train_s": elapsed, "time_per_volume_ms": _inference_ms(ctx)})
     tracker.log_metrics(metrics)
     tracker.set_tags({**ctx.notes, "evaluated": "1"})
     _log_artifacts(ctx, tracker, run_dir, cfg)
@@ -177,6 +195,7 @@ def _inference_ms(ctx: Any) -> float:
 
 def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> None:
     """Slice grid (real vs output), a few generated NIfTI volumes, the resolved config, split and final weights."""
+    from benchmark.evaluation import clinical_predictions
     from benchmark.figures import triplanar_grid, volume_scatter
     from benchmark.generate import write_nifti
 
@@ -191,12 +210,12 @@ def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> No
     for i, vol in enumerate(sample[:2]):
         path = write_nifti(vol, run_dir / "samples" / f"sample_{i}.nii.gz")
         tracker.log_artifact(path, "samples")
-    if "volumetry_points" in ctx._cache:
+    points = clinical_predictions(ctx) if ctx.method.conditional else {}
+    if "measured_ratios" in points:
         from benchmark.data.contract import STRUCTURES
-
-        measured, requested = ctx._cache["volumetry_points"]
         from metrics.volumetry import consistency
 
+        measured, requested = points["measured_ratios"], points["requested_ratios"]
         fig = volume_scatter(measured, requested, STRUCTURES, consistency(measured, requested),
                              run_dir / "volumes.png")
         tracker.log_artifact(fig, "figures")
@@ -205,7 +224,7 @@ def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> No
     weights = run_dir / "weights.pt"
     tmp = weights.with_name(".weights.pt.tmp")
     torch.save({"method": ctx.method.state_dict(), "config": flatten(cfg),
-                "normalizer": ctx.bundle.normalizer.state_dict(), "heads_digest": ctx.heads_key,
+                "normalizer": ctx.bundle.normalizer.state_dict(), "heads_digest": ctx.stages.heads_key,
                 "prior": ctx.prior.state_dict()}, tmp)
     os.replace(tmp, weights)
     tracker.log_artifact(weights, "weights")
@@ -300,6 +319,8 @@ def load_method(cfg: Config, stages: SharedStages, state: dict[str, Any] | Path)
     if not isinstance(state, dict):
         state = torch.load(state, map_location="cpu", weights_only=True)["method"]
     method = build_method(cfg, stages.heads)
+    if not getattr(method, "needs_training", True):
+        return method.fit(stages.bundle).eval()
     method.setup_ema(cfg.train.ema_decay)
     method.load_state_dict(state)
     return method.eval()
@@ -315,7 +336,7 @@ def evaluate_command(run_id: str | None, checkpoint: Path | None, metrics: list[
 
         checkpoint = download_artifact(run_id, "weights/weights.pt")
     cfg, method, stages = load_trained(checkpoint, overrides)
-    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key, progress=progress)
+    ctx = EvalContext(cfg, method, stages, progress=progress)
     values = evaluate(ctx, metrics or method_metrics(method))
     return {"method": cfg.method, "metrics": values, "notes": ctx.notes}
 

@@ -1,20 +1,33 @@
-"""Shared stages trained once per (data, split, preset) and found again by digest: the frozen heads, the prior.
+"""Shared stages trained once per (data, split, preset) and found again by digest: the frozen heads, the prior,
+the evaluation-only FID network.
 
-Every method of a suite reuses the same heads (L_cls/L_reg, resnet3d_aux perceptual features, the FID extractor)
-and the same diffusion prior (clinical vectors for conditional sampling), so they are keyed only by what they
-depend on and never retrained per method.
+Every method of a suite reuses the same heads (L_cls/L_reg, resnet3d_aux perceptual features, the
+``resnet18sep`` FID extractor), the same diffusion prior (clinical vectors for conditional sampling) and the same
+FID network (``fid_fidnet``, used by no loss), so they are keyed only by what they depend on and never retrained
+per method.
+
+Reproducibility: each stage is a pure function of its digest. The digest holds the stage's config section (with
+its own ``seed``: ``heads.seed``, ``prior.seed``, ``fidnet.seed``, not ``train.seed``), the data keys and the
+split fingerprint; construction (weight initialisation) and training run under :func:`seeded`, a forked global
+RNG seeded with the stage's seed, so whatever ran before in the process, and which run filled the cache first,
+does not matter (tests/test_stage_reproducibility.py). Stages train on the CPU, whose kernels are deterministic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from benchmark.config import Config, section_digest
 from benchmark.data.bundle import DataBundle
+
+if TYPE_CHECKING:
+    from metrics.extractors import FrozenBackboneExtractor
 
 DATA_KEYS = ("data.path", "data.synth_n", "data.synth_seed", "data.size", "data.split_seed")
 
@@ -32,6 +45,22 @@ def heads_digest(cfg: Config, bundle: DataBundle) -> str:
 
 def prior_digest(cfg: Config, bundle: DataBundle) -> str:
     return section_digest(cfg, ("prior",), extra={**_data_flat(cfg), "split": bundle.fingerprint})
+
+
+def fidnet_digest(cfg: Config, bundle: DataBundle) -> str:
+    return section_digest(cfg, ("fidnet",), extra={**_data_flat(cfg), "split": bundle.fingerprint})
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the CPU global RNG seeded with ``seed``, restoring the caller's RNG state afterwards.
+
+    Only the CPU generator is forked and seeded (``torch.manual_seed`` would also queue a seed for every CUDA
+    device, a side effect on the caller); stages build and train on the CPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -57,24 +86,26 @@ def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any =
 
     key = heads_digest(cfg, bundle)
     path = stage_path(cfg, "heads", key)
-    heads = build_heads(cfg)
-    if path.is_file():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        heads.load_state_dict(payload["state"])
-        info = dict(payload["info"])
-    else:
-        train = bundle.tensors("train")
-        val = bundle.tensors("val")
-        history = fit_heads(heads, train, val, epochs=cfg.heads.epochs, batch_size=cfg.heads.batch_size,
-                            lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
-                            seed=cfg.train.seed, progress=progress)
-        test_x, test_c = bundle.tensors("test")
-        std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
-        test = evaluate_heads(heads, test_x, test_c, std=std)
-        info = {"digest": key, "heads_test_bac": float(test["bac"]), "heads_test_mse": float(test["mse"]),
-                "heads_val_bac": float(history.get("val_bac", float("nan"))),
-                "heads_val_mse": float(history.get("val_mse", float("nan")))}
-        _atomic_save({"state": heads.state_dict(), "info": info}, path)
+    with seeded(cfg.heads.seed):
+        heads = build_heads(cfg)
+        if path.is_file():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            heads.load_state_dict(payload["state"])
+            info = dict(payload["info"])
+        else:
+            train = bundle.tensors("train")
+            val = bundle.tensors("val")
+            history = fit_heads(heads, train, val, epochs=cfg.heads.epochs, batch_size=cfg.heads.batch_size,
+                                lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
+                                seed=cfg.heads.seed, progress=progress)
+            test_x, test_c = bundle.tensors("test")
+            std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
+            test = evaluate_heads(heads, test_x, test_c, std=std)
+            info = {"digest": key, "heads_test_bac": float(test["bac"]), "heads_test_mse": float(test["mse"]),
+                    "heads_test_roi_r2": float(test["roi_r2"]),
+                    "heads_val_bac": float(history.get("val_bac", float("nan"))),
+                    "heads_val_mse": float(history.get("val_mse", float("nan")))}
+            _atomic_save({"state": heads.state_dict(), "info": info}, path)
     return heads.freeze(), info
 
 
@@ -84,18 +115,66 @@ def get_prior(cfg: Config, bundle: DataBundle, progress: bool = True) -> tuple[A
 
     key = prior_digest(cfg, bundle)
     path = stage_path(cfg, "prior", key)
-    ddpm = ClinicalDDPM(timesteps=cfg.prior.timesteps, hidden=cfg.prior.hidden)
-    if path.is_file():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        ddpm.load_state_dict(payload["state"])
-        info = dict(payload["info"])
-    else:
-        c_train = bundle.normalizer.transform(bundle.raw_clinical("train"))
-        fit_prior(ddpm, c_train, steps=cfg.prior.steps, batch_size=cfg.prior.batch_size, lr=cfg.prior.lr,
-                  grad_clip=cfg.prior.grad_clip, seed=cfg.train.seed, progress=progress)
-        info = {"digest": key}
-        _atomic_save({"state": ddpm.state_dict(), "info": info}, path)
+    with seeded(cfg.prior.seed):
+        ddpm = ClinicalDDPM(timesteps=cfg.prior.timesteps, hidden=cfg.prior.hidden)
+        if path.is_file():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            ddpm.load_state_dict(payload["state"])
+            info = dict(payload["info"])
+        else:
+            c_train = bundle.normalizer.transform(bundle.raw_clinical("train"))
+            fit_prior(ddpm, c_train, steps=cfg.prior.steps, batch_size=cfg.prior.batch_size, lr=cfg.prior.lr,
+                      grad_clip=cfg.prior.grad_clip, seed=cfg.prior.seed, progress=progress)
+            info = {"digest": key}
+            _atomic_save({"state": ddpm.state_dict(), "info": info}, path)
     ddpm.eval()
     for p in ddpm.parameters():
         p.requires_grad_(False)
     return ddpm, info
+
+
+def build_fid_network(cfg: Config) -> Any:
+    from models.fid_network import FidNetwork
+
+    return FidNetwork(width=cfg.fidnet.width, shortcut=cfg.fidnet.shortcut)
+
+
+def get_fid_network(
+    cfg: Config, bundle: DataBundle, progress: bool = True
+) -> tuple[FrozenBackboneExtractor, dict[str, Any]]:
+    """The evaluation-only FID network for this data/split (``fid_fidnet``), trained on first use.
+
+    A MedicalNet-layout 3-D ResNet-18 (``models.fid_network``) trained on the training split with its own seed and
+    objective (``fidnet.*``); no generator loss uses it. Returns
+    ``(metrics.extractors.FrozenBackboneExtractor(backbone, "fidnet"), info)``: the extractor maps
+    ``[N, 1, S, S, S]`` to pooled features ``[N, 8 * fidnet.width]`` (eval mode, no gradients); ``info`` holds
+    ``digest``, ``fidnet_test_bac``, ``fidnet_val_bac`` (balanced accuracy of a logistic-regression probe on the
+    frozen features, fit on the training split), ``fidnet_test_roi_r2``, ``fidnet_val_roi_r2`` (mean R^2 over the
+    six ratios of a ridge probe), ``fidnet_feature_dim``.
+    """
+    from metrics.extractors import FrozenBackboneExtractor
+    from models.fid_network import extract_features, fit_fid_network, linear_probe_scores
+
+    f = cfg.fidnet
+    key = fidnet_digest(cfg, bundle)
+    path = stage_path(cfg, "fidnet", key)
+    with seeded(f.seed):
+        net = build_fid_network(cfg)
+        if path.is_file():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(payload["state"])
+            info = dict(payload["info"])
+        else:
+            train = bundle.tensors("train")
+            fit_fid_network(net, train, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
+                            weight_decay=f.weight_decay, w_cls=f.w_cls, w_reg=f.w_reg, w_ssl=f.w_ssl,
+                            temperature=f.temperature, seed=f.seed, progress=progress)
+            parts = {part: bundle.tensors(part) for part in ("val", "test")}
+            feats = {part: extract_features(net.backbone, x) for part, (x, _) in parts.items()}
+            scores = linear_probe_scores(extract_features(net.backbone, train[0]), train[1],
+                                         {part: (feats[part], parts[part][1]) for part in parts})
+            info = {"digest": key, "fidnet_feature_dim": float(net.backbone.num_features),
+                    **{f"fidnet_{k}": v for k, v in scores.items()}}
+            _atomic_save({"state": net.state_dict(), "info": info}, path)
+    net.eval()
+    return FrozenBackboneExtractor(net.backbone, "fidnet"), info

@@ -30,6 +30,9 @@ class Suite:
     real_row: bool = False  # Table 4's "Real" column: the frozen heads on the test split
     prior_eval: bool = False  # evaluate the diffusion prior (paper §3.4, Fig. 5)
     utility: bool = False  # downstream classifiers and memorization per generator (issue #10)
+    # Training-free rows scored by the same protocol (baselines/references.py): the floor and trivial answers.
+    references: tuple[str, ...] = ()
+    figures: bool = True  # Fig. 3 slices and learning curves of the suite's methods
 
 
 def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, ...], **kw: Any) -> Suite:
@@ -38,12 +41,13 @@ def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, 
     return suite
 
 
+IMAGE_REFERENCES = ("real", "train_copy", "mean_volume")
 TABLE2 = _suite("table2", "Table 2: ablations of the 3D VAE-GAN (#params, FID, SSIM, LPIPS)",
-                ("vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"), TABLE_METRICS)
+                ("vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"), TABLE_METRICS, references=IMAGE_REFERENCES)
 TABLE3 = _suite("table3", "Table 3: baselines on identical data, splits, resolution and budget",
-                ("wgan_gp", "stylegan2", "ours"), TABLE_METRICS)
+                ("wgan_gp", "stylegan2", "ours"), TABLE_METRICS, references=IMAGE_REFERENCES)
 TABLE4 = _suite("table4", "Table 4: clinical consistency (BAC, ROI MSE x1e-5, volumetric consistency)",
-                ("ours", "ours_noaux"), CLINICAL_METRICS, real_row=True)
+                ("ours", "ours_noaux"), CLINICAL_METRICS, real_row=True, references=("train_copy", "mean_volume"))
 PRIOR = _suite("prior", "Diffusion prior vs real clinical vectors (MMD, C2ST, W1, correlation; Fig. 5)", (), (),
                prior_eval=True)
 UTILITY = _suite("utility", "Downstream utility (AD/CN classifier trained on real / real+synthetic / synthetic, "
@@ -101,7 +105,7 @@ def run_suite(name: str, cfg: Config, *, seeds: int = 1, progress: bool = True, 
 
 def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bool) -> list[str]:
     from benchmark import report
-    from benchmark.runner import default_run_dir, prepare_stages, run_method
+    from benchmark.runner import default_run_dir, prepare_stages, run_method, stage_metrics
     from benchmark.tracking import MlflowTracker, TrackingSettings
 
     t0 = time.perf_counter()
@@ -112,14 +116,14 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
                                        "kind": "suite"})
     parent.log_params({"suite": suite.name, "preset": cfg.preset, "seeds": seeds,
                        "methods": ",".join(suite.methods)})
-    parent.log_metrics({f"stage.{k}": v for k, v in stages.heads_info.items() if isinstance(v, float)})
+    parent.log_metrics(stage_metrics(stages))
     failures: list[str] = []
     timings: dict[str, float] = {}
     utility_rows: dict[str, dict[str, tuple[float, float]]] = {}
     real_arm: dict[str, float] = {}
     if suite.utility:
         real_arm = _real_utility(cfg, stages, parent, progress)
-    for method in suite.methods:
+    for method in suite.references + suite.methods:
         for seed in range(seeds):
             mcfg = replace(cfg, method=method, train=replace(cfg.train, seed=cfg.train.seed + seed))
             label = f"{method}-seed{mcfg.train.seed}"
@@ -135,7 +139,9 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
                 else:
                     run_dir = default_run_dir(mcfg)
                     child = parent.child(label, tags=_child_tags(mcfg, suite.name))
-                    print(f"[{suite.name}] {label}: training ({mcfg.train.budget_volumes} volumes) in {run_dir}")
+                    what = "reference row, no training" if method in suite.references else \
+                        f"training ({mcfg.train.budget_volumes} volumes)"
+                    print(f"[{suite.name}] {label}: {what} in {run_dir}")
                     run_method(mcfg, stages, child, run_dir=run_dir, resume=True, progress=progress)
                 if suite.utility:
                     utility_rows[label] = _generator_utility(mcfg, stages, child, done, real_arm, progress)
@@ -161,7 +167,7 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
     if suite.real_row:
         from benchmark.evaluation import EvalContext, real_clinical_metrics
 
-        ctx = EvalContext(cfg, None, stages.bundle, stages.heads, stages.prior, stages.heads_key)
+        ctx = EvalContext(cfg, None, stages)
         parent.log_metrics({f"real.{k}": v for k, v in real_clinical_metrics(ctx).items()})
     if suite.prior_eval:
         _evaluate_prior(cfg, stages, parent)
@@ -222,7 +228,7 @@ def _generator_utility(cfg: Config, stages: Any, child: Any, done: Any, real_arm
             raise FileNotFoundError(f"{weights}: the trained generator's weights are missing")
         weights = download_artifact(done.run_id, "weights/weights.pt")
     method = load_method(cfg, stages, Path(weights))
-    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key, progress=progress)
+    ctx = EvalContext(cfg, method, stages, progress=progress)
     metrics = evaluate(ctx, ["nn_ratio"])
     _log_memorization_figures(ctx, child, default_run_dir(cfg))
     synth = synthetic_set(method, stages.prior, stages.heads, cfg.utility.n_synthetic, seed=cfg.train.seed,
@@ -242,9 +248,9 @@ def _log_memorization_figures(ctx: Any, tracker: Any, run_dir: Path) -> None:
     """Histogram of the ratios beside the unseen-real reference, and the 5 closest generated/training pairs."""
     from benchmark.figures import ratio_histogram, triplanar_grid
 
-    memo = ctx._cache.get("memorization")
-    if memo is None:
-        return
+    from benchmark.evaluation import memorization
+
+    memo = memorization(ctx)
     hist = ratio_histogram(memo["ratios"], memo["reference"], ctx.cfg.utility.memo_threshold,
                            run_dir / "nn_ratio.png", title=f"{ctx.cfg.method}: memorization")
     tracker.log_artifact(hist, "figures")

@@ -128,7 +128,7 @@ def objective_factory(cfg: Config, parent_run_id: str | None, progress: bool) ->
             fid = result.state.validations[-1]["val_fid"] if result.state.validations else math.inf
             values: list[float] = [fid]
             if multi:
-                ctx = EvalContext(tcfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key)
+                ctx = EvalContext(tcfg, method, stages)
                 bac = evaluate(ctx, ["bac"]).get("bac", 0.5)
                 values.append(1.0 - bac)
                 tracker.log_metrics({"val_1_minus_bac": 1.0 - bac})

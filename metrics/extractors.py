@@ -6,6 +6,8 @@ mixed up. Two sources:
   AD/CN classifier trained on the real training split (``resnet18sep``, the default).
 - ``load_medicalnet18``: the MedicalNet 3-D ResNet-18 (Chen et al. 2019, Tencent/MedicalNet) from a local
   ``resnet_18_23dataset.pth``; it cannot be downloaded by code here.
+- ``models.fid_network``: the same MedicalNet layout at a smaller width, trained once per (cohort, split) for
+  evaluation only (``fidnet``): no generator loss ever sees it, unlike ``resnet18sep``.
 """
 
 from __future__ import annotations
@@ -90,29 +92,38 @@ class _BasicBlock(nn.Module):
 
 
 class MedicalNet18(nn.Module):
-    """3-D ResNet-18 in the MedicalNet layout, up to global average pooling: ``[N,1,D,H,W] -> [N, 512]``.
+    """3-D ResNet-18 in the MedicalNet layout, up to global average pooling: ``[N,1,D,H,W] -> [N, 8 * width]``.
 
     Same parameter names as Tencent/MedicalNet ``models/resnet.py`` (``conv1``, ``bn1``, ``layer1.0.conv1``...)
     so its checkpoints load directly: conv 7^3 stride 2, max-pool 3^3 stride 2, BasicBlock layers [2, 2, 2, 2]
     with 64/128/256/512 channels, stride 2 in layer2, and layer3/layer4 at stride 1 with dilation 2/4 (MedicalNet
     keeps resolution for segmentation). ``shortcut='A'`` (zero-padded identity) is what ``resnet_18_23dataset``
     was trained with; 'B' (1x1x1 conv + BN) exists for other checkpoints. The segmentation head is dropped.
+
+    Args:
+        shortcut: 'A' or 'B' (see above).
+        width: base width; stages have width x (1, 2, 4, 8) channels. 64 is MedicalNet's (and the only width its
+            checkpoints load into); the small presets train narrower copies from scratch (``models.fid_network``).
     """
 
-    def __init__(self, shortcut: str = "A") -> None:
+    def __init__(self, shortcut: str = "A", width: int = 64) -> None:
         super().__init__()
         if shortcut not in ("A", "B"):
             raise ValueError(f"MedicalNet18: shortcut must be 'A' or 'B', got {shortcut!r}")
+        if width < 1:
+            raise ValueError(f"MedicalNet18: width must be >= 1, got {width}")
         self.shortcut = shortcut
-        self.conv1 = nn.Conv3d(1, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm3d(64)
+        self.width = width
+        self.conv1 = nn.Conv3d(1, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm3d(width)
         self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
-        self._c = 64
-        self.layer1 = self._make_layer(64, stride=1, dilation=1)
-        self.layer2 = self._make_layer(128, stride=2, dilation=1)
-        self.layer3 = self._make_layer(256, stride=1, dilation=2)
-        self.layer4 = self._make_layer(512, stride=1, dilation=4)
+        self._c = width
+        self.layer1 = self._make_layer(width, stride=1, dilation=1)
+        self.layer2 = self._make_layer(2 * width, stride=2, dilation=1)
+        self.layer3 = self._make_layer(4 * width, stride=1, dilation=2)
+        self.layer4 = self._make_layer(8 * width, stride=1, dilation=4)
         del self._c
+        self.num_features = 8 * width
 
     def _make_layer(self, c_out: int, stride: int, dilation: int) -> nn.Sequential:
         downsample: nn.Module | None = None
@@ -130,10 +141,13 @@ class MedicalNet18(nn.Module):
         self._c = c_out
         return nn.Sequential(*blocks)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's map ``[N, 8 * width, D / 8, H / 8, W / 8]`` (before pooling)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean(dim=(2, 3, 4))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.feature_map(x).mean(dim=(2, 3, 4))
 
 
 def load_medicalnet18(path: str | Path | None) -> FrozenBackboneExtractor:

@@ -232,6 +232,17 @@ def _predict(heads: ClinicalHeads, x: Tensor, batch_size: int) -> tuple[Tensor, 
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
+def roi_r2(pred: Tensor, target: Tensor) -> list[float]:
+    """Coefficient of determination per column of [N, K] predictions: 1 - SSE / SST, SST about the target's mean.
+
+    Invariant to a per-column affine rescaling of both (standardised or raw units give the same R^2).
+    """
+    pred, target = pred.double(), target.double()
+    sse = (pred - target).square().sum(0)
+    sst = (target - target.mean(0)).square().sum(0).clamp_min(1e-12)
+    return (1 - sse / sst).tolist()
+
+
 def evaluate_heads(
     heads: ClinicalHeads, x: Tensor, c: Tensor, *, std: Tensor | None = None, batch_size: int = 16
 ) -> dict[str, float]:
@@ -243,7 +254,8 @@ def evaluate_heads(
         std: [6] the training split's ratio standard deviations; when given, ``mse`` is in raw ratio units
             (mean(((pred - target) * std)^2)), as Table 4 reports it (x1e-5); otherwise in standardised units.
     Returns:
-        {"bac", "mse", "cls_loss" (mean cross-entropy), "reg_loss" (MSE in standardised units)}.
+        {"bac", "mse", "cls_loss" (mean cross-entropy), "reg_loss" (MSE in standardised units), "roi_r2" (mean over
+        the six ratios of R^2, :func:`roi_r2`), "roi_r2_<i>" per ratio}.
     """
     logits, ratios = _predict(heads, x, batch_size)
     c = c.float().cpu()
@@ -255,7 +267,13 @@ def evaluate_heads(
         "mse": float(raw.square().mean()),
         "cls_loss": float(F.cross_entropy(logits, label)),
         "reg_loss": float(err.square().mean()),
+        **_r2_scores(ratios, c[:, :N_ROI]),
     }
+
+
+def _r2_scores(pred: Tensor, target: Tensor) -> dict[str, float]:
+    r2 = roi_r2(pred, target) if len(target) > 1 else [float("nan")] * target.shape[1]
+    return {"roi_r2": float(sum(r2) / len(r2)), **{f"roi_r2_{i}": float(v) for i, v in enumerate(r2)}}
 
 
 @torch.no_grad()

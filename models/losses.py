@@ -38,11 +38,17 @@ def kl_diag_gaussians(
     Returns:
         Scalar: summed over the k latent dimensions, averaged over the batch.
     """
+    return kl_per_dim(mu_q, logvar_q, mu_p, logvar_p).sum(dim=1).mean()
+
+
+def kl_per_dim(
+    mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None = None, logvar_p: Tensor | None = None
+) -> Tensor:
+    """[N, k] KL of each latent dimension (float32), the terms :func:`kl_diag_gaussians` sums (active units)."""
     mu_q, logvar_q = mu_q.float(), logvar_q.float()
     mu_p = torch.zeros_like(mu_q) if mu_p is None else mu_p.float()
     logvar_p = torch.zeros_like(logvar_q) if logvar_p is None else logvar_p.float()
-    kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).square()) * torch.exp(-logvar_p) - 1.0)
-    return kl.sum(dim=1).mean()
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).square()) * torch.exp(-logvar_p) - 1.0)
 
 
 def _check_kind(kind: str) -> None:

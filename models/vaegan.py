@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from benchmark.config import Config
+from benchmark.config import Config, LossConfig
 from benchmark.data.contract import CLINICAL_DIM
 from benchmark.registry import METHODS
 from models.base import GenerativeMethod
@@ -82,11 +82,19 @@ from models.blocks import (
     with_folded_gain,
     xavier_init_,
 )
-from models.losses import gan_d_loss, gan_g_loss, kl_diag_gaussians, l1_reconstruction, weighted_total
+from models.losses import (
+    gan_d_loss,
+    gan_g_loss,
+    kl_diag_gaussians,
+    kl_per_dim,
+    l1_reconstruction,
+    weighted_total,
+)
 from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
 
 STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
 DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
+ACTIVE_UNIT_NATS = 0.01  # a latent dimension is "active" when its batch-mean KL(q || p) exceeds this
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32; never reached in normal training
 
 
@@ -291,6 +299,10 @@ class Decoder(nn.Module):
         # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
         # sqrt(2 fan_in / (fan_in + fan_out)) (x0.09 at paper size): their gain makes the variance 1 / fan_in.
         xavier_init_(self.fc, gain=_expanding_gain(latent_dim, self.fc.out_features))
+        import os
+        if os.environ.get("FC_CONST"):
+            with torch.no_grad():
+                self.fc.bias.normal_()
         xavier_init_(self.expand, gain=_expanding_gain(bottleneck_channels, chans[-1]))
         xavier_init_(self.out)
 
@@ -492,6 +504,33 @@ class VAEGANMethod(GenerativeMethod):
             raise ValueError(f"{type(self).__name__} is conditional: pass c [{n}, {CLINICAL_DIM}]")
         return c.to(self._device)
 
+    @torch.no_grad()
+    def _init_output_bias(self, x: Tensor) -> None:
+        """Data-dependent init: the decoder's output bias := the mean intensity of the first batch (all ranks).
+
+        Volumes are z-scored inside the brain, so their mean is far from 0 (about -3: the background holds -4.6)
+        while a freshly initialised decoder outputs values around 0. Adam moves a bias by at most ~lr per step, so
+        the offset cannot come from the biases within a short budget; the network then builds it from the energy
+        of z (it is positively homogeneous in z when the biases are 0), and decodes z = 0, the mean of a collapsed
+        posterior, to about 0: the collapsed ``vae`` reconstructed from the posterior mean to values in [-0.9, -0.1]
+        for data in [-4.6, 2.3]. Starting at the data's mean removes that need (the "init the last bias to the
+        data mean" recipe). A resumed run (step > 0) never re-initialises.
+        """
+        from benchmark.dist import all_reduce_mean
+
+        mean = all_reduce_mean(float(x.float().mean()), x.device)
+        self.G.decoder.out.bias.fill_(mean)
+        if self.ema is not None:
+            self.ema.module.decoder.out.bias.fill_(mean)
+
+    def _loss_weights(self, step: int) -> LossConfig:
+        """``cfg.loss`` with lambda_KL ramped linearly over ``loss.kl_warmup_volumes`` (volumes seen before this step)."""
+        w = self.cfg.loss
+        if w.kl_warmup_volumes <= 0:
+            return w
+        seen = step * self.cfg.train.batch_size
+        return replace(w, kl=w.kl * min(1.0, seen / w.kl_warmup_volumes))
+
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         """Algorithm 1 on ``batch`` (x [N,1,S,S,S], c [N,7]): one G step on Eq. (2), then one D step.
 
@@ -505,6 +544,9 @@ class VAEGANMethod(GenerativeMethod):
         c = self._cond(batch.get("c"), n)
         v, m = self.variant, self.cfg.model
         policy = self.cfg.data.diffaug_policy
+        if step == 0:
+            self._init_output_bias(x)
+        weights = self._loss_weights(step)
         if v.adversarial:
             self.D.requires_grad_(False)  # the G step needs gradients w.r.t. x_hat only
         try:
@@ -534,7 +576,7 @@ class VAEGANMethod(GenerativeMethod):
                         aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c)]), torch.cat([c, c])
                     aux = self._heads.losses(aux_x, aux_c, classifier_maps=fake_maps)
                     terms["cls"], terms["reg"] = aux["cls"], aux["reg"]
-                total = weighted_total(terms, self.cfg.loss)
+                total = weighted_total(terms, weights)
         finally:
             if v.adversarial:
                 self.D.requires_grad_(True)
@@ -589,16 +631,27 @@ class VAEGANMethod(GenerativeMethod):
 
     @torch.no_grad()
     def validation_losses(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        """``val_l1``: L1 of the posterior-mean reconstruction; ``val_kl``: KL(q || p) on the batch."""
+        """Posterior health on a held-out batch.
+
+        ``val_l1``: L1 of the posterior-MEAN reconstruction (what evaluation pairs); ``val_l1_sample``: L1 of the
+        reconstruction from one posterior sample (far below ``val_l1`` means the decoder only works on z's of the
+        prior's norm: posterior collapse); ``val_kl``: KL(q || p) summed over latent dimensions; ``active_units``:
+        latent dimensions whose KL, averaged over the batch, exceeds :data:`ACTIVE_UNIT_NATS` (0 = collapse).
+        """
         x = batch["x"]
         G = self.G_eval  # noqa: N806
         c = self._cond(batch.get("c"), x.shape[0])
         with self.autocast():
             mu_q, logvar_q = G.encoder(x, c)
             x_hat = G.decoder(mu_q, c)
+            eps = torch.randn(mu_q.shape, generator=torch.Generator().manual_seed(0)).to(mu_q)
+            x_sample = G.decoder(mu_q + torch.exp(0.5 * logvar_q) * eps, c)
             mu_p, logvar_p = G.prior_params(c, x.shape[0], mu_q)
+        per_dim = kl_per_dim(mu_q, logvar_q, mu_p, logvar_p).mean(0)
         return {"val_l1": float(l1_reconstruction(x_hat, x)),
-                "val_kl": float(kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p))}
+                "val_l1_sample": float(l1_reconstruction(x_sample, x)),
+                "val_kl": float(per_dim.sum()),
+                "active_units": float((per_dim > ACTIVE_UNIT_NATS).sum())}
 
 
 @METHODS.register("vae")

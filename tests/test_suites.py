@@ -31,11 +31,12 @@ def test_suite_all_smoke_and_report(mlflow_uri: str, smoke_args: list[str], tmp_
     parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'suite'")
     assert len(parents) == 1
     kids = _children(client, parents[0].info.run_id, exp.experiment_id)
-    assert sorted(k.data.tags["method"] for k in kids) == sorted(["vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"])
+    assert sorted(k.data.tags["method"] for k in kids) == sorted(["vae", "vaegan", "xvaegan", "xvaegan_clin", "ours",
+                                                                  "real", "train_copy", "mean_volume"])
     keys = [{k for k in kid.data.metrics if not k.startswith(("time", "stage.", "loss", "val_", "bac", "roi_",
                                                                    "volume_"))} for kid in kids]
     assert all(k == keys[0] for k in keys), keys
-    assert {"fid_resnet18sep", "ssim_triplanar", "params_total"} <= keys[0]
+    assert {"fid_resnet18", "fid_resnet18sep", "ssim_triplanar", "ssim_nn_triplanar", "params_total"} <= keys[0]
     # AlexNet needs slices of at least 31 px: at 16^3 LPIPS is reported unavailable, with the reason, never faked
     assert all("lpips_triplanar_alexrand" in k or kid.data.tags.get("unavailable.lpips_triplanar_alex")
                for k, kid in zip(keys, kids, strict=True))
@@ -71,6 +72,7 @@ def test_suite_all_smoke_and_report(mlflow_uri: str, smoke_args: list[str], tmp_
         table = capsys.readouterr().out.strip()
         assert table and table in printed, suite
     assert "Real (test split)" in printed and "mmd" in printed
+    assert "Real (train vs test, floor)" in printed and "mean_volume (reference)" in printed
 
 
 def test_killed_suite_does_not_retrain_finished_methods(stage_cache: Path, tmp_path: Path) -> None:

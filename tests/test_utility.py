@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from benchmark.config import resolve
 from benchmark.data.contract import LABEL_INDEX
-from benchmark.evaluation import EvalContext, evaluate
+from benchmark.evaluation import EvalContext, evaluate, memorization
 from benchmark.runner import prepare_stages
 from benchmark.utility import LABELS_CLASSIFIER, LABELS_REQUESTED, balanced_accuracy_on, synthetic_set, train_classifier
 from metrics.extractors import FrozenBackboneExtractor
@@ -41,13 +41,13 @@ class CopyingGenerator(torch.nn.Module):
 
 def _memorization(cfg, stages, source: torch.Tensor) -> dict[str, float]:  # noqa: ANN001
     method = CopyingGenerator(source, noise=0.02 * float(source.std()))
-    ctx = EvalContext(cfg, method, stages.bundle, stages.heads, stages.prior, stages.heads_key)
+    ctx = EvalContext(cfg, method, stages)
     # A fixed feature map (2x-pooled voxels) instead of the smoke heads (3 epochs, width 4), whose features are
     # too weak at 16^3 to tell subjects apart reliably: this tests the metric, not those heads.
     pooled = torch.nn.Sequential(torch.nn.AvgPool3d(2), torch.nn.Flatten())
-    ctx._cache["extractor"] = FrozenBackboneExtractor(pooled, "pooled_voxels")
+    ctx._cache[("extractor", cfg.eval.fid_extractor)] = FrozenBackboneExtractor(pooled, "pooled_voxels")
     out = evaluate(ctx, ["nn_ratio"])
-    assert "note.nn_ratio" in ctx.notes and len(ctx._cache["memorization"]["pairs"]) == 5
+    assert "note.nn_ratio" in ctx.notes and len(memorization(ctx)["pairs"]) == 5
     return out
 
 
