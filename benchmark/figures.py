@@ -113,3 +113,31 @@ def grouped_bars(groups: Mapping[str, Mapping[str, tuple[float, float]]], path: 
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def learning_curves(curves: Mapping[str, list[dict[str, float]]], path: Path, metrics: tuple[str, ...] = ("val_fid",
+                    "val_l1"), references: Mapping[str, float] | None = None, title: str = "") -> Path:
+    """Validation metrics over volumes seen, one panel per metric and one line per method; dashed horizontal lines
+    mark training-free references (e.g. the mean volume's FID), so "learning" means crossing them."""
+    from matplotlib.figure import Figure
+
+    present = [m for m in metrics if any(m in v for pts in curves.values() for v in pts)]
+    fig = Figure(figsize=(4.5 * max(len(present), 1), 3.6))
+    axes = fig.subplots(1, max(len(present), 1), squeeze=False)[0]
+    for ax, metric in zip(axes, present, strict=False):
+        for method, pts in curves.items():
+            xs = [p["volumes_seen"] for p in pts if metric in p]
+            if xs:
+                ax.plot(xs, [p[metric] for p in pts if metric in p], "-o", ms=3, label=method)
+        for name, value in (references or {}).items():
+            if name.endswith(metric):
+                ax.axhline(value, ls="--", lw=1, color="grey")
+                ax.annotate(name.removesuffix(f".{metric}"), (ax.get_xlim()[0], value), fontsize=7, color="grey")
+        ax.set_xlabel("volumes seen")
+        ax.set_ylabel(metric)
+        if metric == "val_fid":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

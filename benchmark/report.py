@@ -195,6 +195,19 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
         rows = [[k.removeprefix("prior."), f"{v:.4f}"] for k, v in sorted((parent.metrics if parent else {}).items())
                 if k.startswith("prior.")]
         return header, rows, "MMD: RBF, median heuristic; C2ST: cross-validated accuracy (0.5 = indistinguishable)."
+    if suite.validity:
+        from benchmark.validity import VALIDITY_METRICS, from_metrics
+
+        rows_v = from_metrics(parent.metrics if parent else {})
+        header = ["Family", "Level", *VALIDITY_METRICS]
+        body = [[r["family"], str(r["level"])] + [f"{r[m]:.4g}" if m in r else "n/a" for m in VALIDITY_METRICS]
+                for r in rows_v]
+        return header, body, ("Validation-split volumes (held-out real subjects) under each corruption, scored "
+                              "against the test split; level 0 (clean) is the real-vs-real floor. ssim_nn/lpips_nn: "
+                              "each test subject vs its nearest corrupted volume (resnet18 features); bac/roi_mse: "
+                              "frozen heads vs the set's own labels/ratios; nn_ratio: median nearest-train / "
+                              "nearest-test feature distance (below the clean value = closer to training subjects). "
+                              "Levels are listed in validity.csv.")
     columns = UTILITY_COLUMNS if suite.utility else CLINICAL_COLUMNS if suite.real_row else IMAGE_COLUMNS
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
     for r in kids:
@@ -329,7 +342,7 @@ def log_figures(suite: Any, parent: Any, stages: Any, cfg: Any) -> None:
 
     x, _ = stages.bundle.tensors("test")
     rows: dict[str, Any] = {"real": x[0]}
-    for method in suite.methods:
+    for method in (*[r for r in suite.references if r == "mean_volume"], *suite.methods):
         path = default_run_dir(replace(cfg, method=method)) / "samples" / "sample_0.nii.gz"
         if path.is_file():
             rows[method] = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)

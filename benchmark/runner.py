@@ -110,7 +110,7 @@ def _val_fid_validator(cfg: Config, stages: SharedStages) -> Any:
 
     def validator(method: Any) -> dict[str, float]:
         small = replace(cfg, eval=replace(cfg.eval, n_draws=1))
-        ctx = EvalContext(small, method, stages, device=next(method.parameters()).device)
+        ctx = EvalContext(small, method, stages, device=next(method.parameters(), torch.empty(0)).device)
         n = max(len(stages.bundle.dataset("val")), 16)
         stats = compute_features(ctx.extractor, (x for x, _ in ctx.generate(n, 0)), batch_size=cfg.eval.batch_size)
         return {"val_fid": fid_from_stats(stats, ctx.real_stats("val"))}
@@ -147,14 +147,17 @@ def run_method(
     if not getattr(method, "needs_training", True):
         # A reference row (baselines/references.py): no training, the same evaluation as every method.
         method.fit(stages.bundle)
+        validations = [{"volumes_seen": 0.0, **_val_fid_validator(cfg, stages)(method)}]
         summary: dict[str, Any] = {"method": cfg.method, "volumes_seen": 0, "steps": 0, "stopped_early": False,
-                                   "validations": []}
+                                   "validations": validations}
         elapsed, device = 0.0, torch.device("cpu")
         if not dist.is_main():
             return {**summary, "finished": False}
     else:
         train_src, val_src = _batch_sources(cfg, stages.bundle)
-        validator = _val_fid_validator(cfg, stages) if cfg.train.val_metric == "val_fid" else None
+        # Validation FID on the evaluation-only network at every validation, whatever the schedules watch: the
+        # learning curve every method shares (encoder methods add val_l1).
+        validator = _val_fid_validator(cfg, stages)
         result = train(method, cfg, train_src, run_dir, tracker=tracker, val_data=val_src, extra_validator=validator,
                        resume=resume, progress=progress, stop_after_volumes=stop_after_volumes)
         if result.interrupted:

@@ -32,7 +32,7 @@ class Suite:
     utility: bool = False  # downstream classifiers and memorization per generator (issue #10)
     # Training-free rows scored by the same protocol (baselines/references.py): the floor and trivial answers.
     references: tuple[str, ...] = ()
-    figures: bool = True  # Fig. 3 slices and learning curves of the suite's methods
+    validity: bool = False  # real volumes under graded corruptions (benchmark/validity.py)
 
 
 def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, ...], **kw: Any) -> Suite:
@@ -53,6 +53,8 @@ PRIOR = _suite("prior", "Diffusion prior vs real clinical vectors (MMD, C2ST, W1
 UTILITY = _suite("utility", "Downstream utility (AD/CN classifier trained on real / real+synthetic / synthetic, "
                  "test BAC) and memorization (nearest-train / nearest-test distance ratio)",
                  ("wgan_gp", "stylegan2", "ours", "ours_noaux"), ("nn_ratio",), utility=True)
+VALIDITY = _suite("validity", "Metric validity: held-out real volumes under graded corruptions (three levels per "
+                  "family) scored against the test split", (), (), validity=True)
 ALL = ("table2", "table3", "table4", "prior", "utility")
 SUITES.add("all", Suite("all", "Every table: table2, table3, table4, prior and utility, sharing stages and "
                         "finished runs", (), ()))
@@ -171,6 +173,8 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
         parent.log_metrics({f"real.{k}": v for k, v in real_clinical_metrics(ctx).items()})
     if suite.prior_eval:
         _evaluate_prior(cfg, stages, parent)
+    if suite.validity:
+        _evaluate_validity(cfg, stages, parent, progress)
     parent.log_metrics({f"time.{k}": v for k, v in timings.items()})
     parent.log_metrics({"time.total_s": time.perf_counter() - t0})
     settings = TrackingSettings.load(cfg.tracking.config_file)
@@ -181,8 +185,35 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
         parent.log_text(report.render_suite(suite.name, fmt=fmt, parent_run_id=parent.run_id, settings=settings,
                                             experiment=experiment), f"tables/{suite.name}.{report.EXT[fmt]}")
     report.log_figures(suite, parent, stages, cfg)
+    _log_learning_curves(suite, cfg, parent)
     parent.finish("FAILED" if failures else "FINISHED")
     return failures
+
+
+def _log_learning_curves(suite: Suite, cfg: Config, parent: Any) -> None:
+    """Validation FID / L1 over volumes seen for every method of the suite (seed 0), beside the references'
+    final FID as horizontal lines: one figure on the parent run."""
+    import json
+
+    from benchmark.figures import learning_curves
+    from benchmark.runner import default_run_dir
+
+    curves, refs = {}, {}
+    for method in suite.references + suite.methods:
+        path = default_run_dir(replace(cfg, method=method)) / "metrics.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        if method in suite.references:
+            for key, value in (summary.get("validations") or [{}])[0].items():
+                if key.startswith("val_"):
+                    refs[f"{method}.{key}"] = value
+        elif summary.get("validations"):
+            curves[method] = summary["validations"]
+    if curves:
+        out = Path("runs") / f"learning-{suite.name}.png"
+        parent.log_artifact(learning_curves(curves, out, references=refs,
+                                            title=f"{suite.name}: validation metrics over training"), "figures")
 
 
 def _evaluate_prior(cfg: Config, stages: Any, parent: Any) -> None:
@@ -202,6 +233,16 @@ def _evaluate_prior(cfg: Config, stages: Any, parent: Any) -> None:
     raw_fake = np.asarray(stages.bundle.normalizer.inverse(torch.as_tensor(fake)))
     parent.log_artifact(plot_kde(raw_real, raw_fake, list(ROI_NAMES), out / "prior_kde.png"), "figures")
     parent.log_artifact(plot_pca(real, fake, out / "prior_pca.png"), "figures")
+
+
+def _evaluate_validity(cfg: Config, stages: Any, parent: Any, progress: bool) -> None:
+    """The validity table as parent metrics (the report rebuilds it), validity.csv and the figure."""
+    from benchmark import validity
+
+    rows = validity.run_validity(cfg, stages, progress=progress)
+    parent.log_metrics(validity.to_metrics(rows))
+    parent.log_text(validity.to_csv(rows), "validity.csv")
+    parent.log_artifact(validity.plot(rows, Path("runs") / "validity" / "validity.png"), "figures")
 
 
 def _real_utility(cfg: Config, stages: Any, parent: Any, progress: bool) -> dict[str, float]:
