@@ -268,6 +268,10 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
                 "reference is the same ratio for unseen validation volumes.")
     if used:
         note += " Metrics: " + ", ".join(f"{h} = {k}" for h, k in used.items()) + "."
+    backbones = sorted({f"{r.tags.get('method')}: {r.tags['perceptual_backbone']}" for r in kids
+                        if r.tags.get("perceptual_backbone", "none") != "none"})
+    if backbones:
+        note += " Perceptual loss network: " + ", ".join(backbones) + "."
     reasons = sorted({f"{c.header}: {r.tags[f'unavailable.{c.key}']}" for c in columns for r in kids
                       if f"unavailable.{c.key}" in r.tags})
     if reasons:

@@ -44,6 +44,11 @@ class SharedStages:
     fid_info: dict[str, Any] = field(default_factory=dict)
 
 
+def perceptual_backbone(cfg: Config, method: Any) -> str:
+    """The perceptual network a row trained with (`model.perceptual_backbone`), or "none" without L_perc."""
+    return cfg.model.perceptual_backbone if getattr(method, "perceptual", None) is not None else "none"
+
+
 def stage_metrics(stages: SharedStages) -> dict[str, float]:
     """The shared stages' own test figures (heads BAC/R^2, FID network probe BAC/R^2), logged beside every FID."""
     info = {**stages.heads_info, **stages.fid_info}
@@ -137,7 +142,7 @@ def run_method(
     run_dir.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg, stages.heads)
     tags = {**stages.tags, "method": cfg.method, "config_digest": run_digest(cfg), "seed": str(cfg.train.seed),
-            "perceptual_backbone": getattr(method, "perceptual_backbone_name", "none")}
+            "perceptual_backbone": perceptual_backbone(cfg, method)}
     if dist.is_main():
         tracker.log_params(flatten(cfg))
         tracker.set_tags(tags)
