@@ -63,9 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.dry_run:
         return _dry_run(cfg)
-    from benchmark import runner
+    from benchmark import commands
 
-    result = runner.train_command(cfg, resume=args.resume, progress=not args.no_progress, track=not args.no_track,
+    result = commands.train_command(cfg, resume=args.resume, progress=not args.no_progress, track=not args.no_track,
                                   run_dir=args.run_dir, stop_after_volumes=args.stop_after_volumes)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
@@ -82,10 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from benchmark import runner
+    from benchmark import commands
 
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
-    result = runner.evaluate_command(run_id=args.run_id, checkpoint=args.checkpoint, metrics=metrics,
+    result = commands.evaluate_command(run_id=args.run_id, checkpoint=args.checkpoint, metrics=metrics,
                                      overrides=parse_set(args.overrides), progress=not args.no_progress)
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0
@@ -106,9 +106,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from benchmark import runner
+    from benchmark import commands
 
-    table = runner.param_table(cfg, size=args.size)
+    table = commands.param_table(cfg, size=args.size)
     if args.json:
         print(json.dumps(table, indent=2))
     else:

@@ -19,7 +19,7 @@ from benchmark import dist
 from benchmark.config import Config, digest, flatten, to_json
 from benchmark.data.bundle import DataBundle, load_bundle
 from benchmark.registry import METHODS
-from benchmark.tracking import MlflowTracker, NullTracker, Tracker
+from benchmark.tracking import Tracker
 
 RUNS_DIR = Path("runs")
 # Keys that change neither training nor results (where files go, progress, evaluation sizes for train-only digests).
@@ -91,6 +91,24 @@ def build_method(cfg: Config, heads: Any = None) -> Any:
     return METHODS.get(cfg.method)(cfg, heads=heads)
 
 
+@dataclass
+class TrainingSetup:
+    """Everything a training run needs besides the loop: the method and its data streams and validator."""
+
+    method: Any
+    train_data: Any  # benchmark.train.BatchSource
+    val_data: Any
+    validator: Any  # method -> {"val_fid": ...}
+
+
+def prepare_training(cfg: Config, stages: SharedStages) -> TrainingSetup:
+    """The one way to set up training (runner, suites and tuning all use it): the method on the shared stages, the
+    seeded training batches (with the conventional augmentation when configured), fixed validation batches, and
+    the validation FID on the evaluation-only network."""
+    return TrainingSetup(build_method(cfg, stages.heads), *_batch_sources(cfg, stages.bundle),
+                         _val_fid_validator(cfg, stages))
+
+
 def _batch_sources(cfg: Config, bundle: DataBundle) -> tuple[Any, Any]:
     from benchmark.train import BatchSource
 
@@ -140,7 +158,8 @@ def run_method(
 
     run_dir = run_dir or default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    method = build_method(cfg, stages.heads)
+    setup = prepare_training(cfg, stages)
+    method = setup.method
     tags = {**stages.tags, "method": cfg.method, "config_digest": run_digest(cfg), "seed": str(cfg.train.seed),
             "perceptual_backbone": perceptual_backbone(cfg, method)}
     if dist.is_main():
@@ -159,12 +178,11 @@ def run_method(
         if not dist.is_main():
             return {**summary, "finished": False}
     else:
-        train_src, val_src = _batch_sources(cfg, stages.bundle)
         # Validation FID on the evaluation-only network at every validation, whatever the schedules watch: the
         # learning curve every method shares (encoder methods add val_l1).
-        validator = _val_fid_validator(cfg, stages)
-        result = train(method, cfg, train_src, run_dir, tracker=tracker, val_data=val_src, extra_validator=validator,
-                       resume=resume, progress=progress, stop_after_volumes=stop_after_volumes)
+        result = train(method, cfg, setup.train_data, run_dir, tracker=tracker, val_data=setup.val_data,
+                       extra_validator=setup.validator, resume=resume, progress=progress,
+                       stop_after_volumes=stop_after_volumes)
         if result.interrupted:
             raise KeyboardInterrupt
         summary = {"method": cfg.method, "volumes_seen": result.state.volumes_seen, "steps": result.state.step,
@@ -238,73 +256,6 @@ def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> No
     tracker.log_artifact(weights, "weights")
 
 
-def open_tracker(cfg: Config, experiment: str, run_name: str, run_dir: Path | None, track: bool) -> Tracker:
-    """A new MLflow run, or the one recorded in ``run_dir`` (resume); a NullTracker when tracking is off."""
-    if not track or not dist.is_main():
-        return NullTracker(run_name)
-    id_file = run_dir / "mlflow_run_id" if run_dir else None
-    if id_file is not None and id_file.is_file():
-        try:
-            return MlflowTracker.attach(id_file.read_text().strip())
-        except Exception:  # noqa: BLE001 - store was deleted or moved: start a fresh run
-            pass
-    tracker = MlflowTracker.start(cfg.tracking.experiment or experiment, run_name)
-    if id_file is not None:
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(str(tracker.run_id))
-    return tracker
-
-
-STAGE_METHODS = ("heads", "prior")  # shared stages that `train --method` also accepts
-
-
-def train_stage_command(cfg: Config, *, progress: bool, track: bool) -> dict[str, Any]:
-    """``train --method heads|prior``: the shared stage for this data/split, trained once and found again by digest
-    (a second call reports the cached one); its test figures are logged to the ``train`` experiment."""
-    from benchmark.stages import get_heads, get_prior, stage_path
-
-    bundle = load_bundle(cfg, progress=progress)
-    _, info = (get_heads if cfg.method == "heads" else get_prior)(cfg, bundle, progress=progress)
-    path = stage_path(cfg, cfg.method, info["digest"])
-    tracker = open_tracker(cfg, "train", f"{cfg.method}-seed{cfg.train.seed}", None, track)
-    sections = (cfg.method, "data", "train.seed")
-    tracker.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(sections)})
-    tracker.set_tags({"method": cfg.method, "data_source": bundle.source, "split_fingerprint": bundle.fingerprint,
-                      "preset": cfg.preset, "stage_digest": info["digest"], "kind": "stage"})
-    tracker.log_metrics({k: v for k, v in info.items() if isinstance(v, float)})
-    tracker.finish("FINISHED")
-    return {"method": cfg.method, "path": str(path), **info, "run_id": tracker.run_id}
-
-
-def train_command(cfg: Config, *, resume: bool, progress: bool, track: bool, run_dir: Path | None,
-                  stop_after_volumes: int | None = None) -> dict[str, Any]:
-    """``python -m benchmark train``: one method, one seed, tracked in the ``train`` experiment."""
-    from benchmark.catalog import load_all
-    from benchmark.train import resolve_device
-
-    if cfg.method in STAGE_METHODS:
-        return train_stage_command(cfg, progress=progress, track=track)
-    load_all()
-    METHODS.get(cfg.method)  # an unknown method fails before any data is touched
-    dist.init_from_env(resolve_device(cfg.train.device))
-    run_dir = run_dir or default_run_dir(cfg)
-    if not resume and (run_dir / "checkpoint.pt").exists() and dist.is_main():
-        (run_dir / "checkpoint.pt").unlink()
-        (run_dir / "mlflow_run_id").unlink(missing_ok=True)
-    stages = prepare_stages(cfg, progress=progress and dist.is_main())
-    tracker = open_tracker(cfg, "train", f"{cfg.method}-seed{cfg.train.seed}", run_dir, track)
-    try:
-        result = run_method(cfg, stages, tracker, run_dir=run_dir, resume=resume, progress=progress,
-                            stop_after_volumes=stop_after_volumes)
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
-    finally:
-        dist.shutdown()
-    tracker.finish("FINISHED" if result.get("finished") else "RUNNING")
-    return {**result, "run_dir": str(run_dir), "run_id": tracker.run_id}
-
-
 def load_trained(checkpoint: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, Any, SharedStages]:
     """Rebuild a trained method (and its shared stages) from a run folder's weights.pt or checkpoint.pt."""
     from benchmark.config import apply_overrides, resolve
@@ -334,48 +285,3 @@ def load_method(cfg: Config, stages: SharedStages, state: dict[str, Any] | Path)
     return method.eval()
 
 
-def evaluate_command(run_id: str | None, checkpoint: Path | None, metrics: list[str] | None,
-                     overrides: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """``python -m benchmark evaluate``: re-score any saved run or checkpoint."""
-    from benchmark.evaluation import EvalContext, evaluate, method_metrics
-
-    if run_id is not None:
-        from benchmark.tracking import download_artifact
-
-        checkpoint = download_artifact(run_id, "weights/weights.pt")
-    cfg, method, stages = load_trained(checkpoint, overrides)
-    ctx = EvalContext(cfg, method, stages, progress=progress)
-    values = evaluate(ctx, metrics or method_metrics(method))
-    return {"method": cfg.method, "metrics": values, "notes": ctx.notes}
-
-
-def param_table(cfg: Config, size: int | None = None) -> dict[str, dict[str, int]]:
-    """Parameter counts per component of every registered method at ``size`` (meta device: nothing allocated)."""
-    from dataclasses import replace
-
-    from benchmark.catalog import load_all
-    from benchmark.evaluation import count_params
-
-    load_all()
-    cfg = replace(cfg, data=replace(cfg.data, size=size or cfg.data.size))
-    table: dict[str, dict[str, int]] = {}
-    for name, factory in METHODS.items():
-        with torch.device("meta"):
-            method = factory(replace(cfg, method=name), heads=_MetaHeads())
-        groups = {k: count_params(m) for k, m in method.param_groups().items()}
-        groups["total"] = sum(groups.values())
-        extra = getattr(method, "frozen_param_counts", lambda: {})()
-        for k, v in extra.items():
-            groups[f"frozen_{k}"] = v
-        table[name] = groups
-    return table
-
-
-class _MetaHeads:
-    """Stands in for the frozen heads when only counting parameters (they are not part of any generator)."""
-
-    def losses(self, x: Any, c: Any, classifier_maps: Any = None) -> dict[str, Any]:  # pragma: no cover - counting
-        raise RuntimeError("meta heads are for parameter counting only")
-
-    def features(self, x: Any) -> Any:  # pragma: no cover
-        raise RuntimeError("meta heads are for parameter counting only")

@@ -287,9 +287,8 @@ def _generator_utility(cfg: Config, stages: Any, child: Any, done: Any, real_arm
 
 def _log_memorization_figures(ctx: Any, tracker: Any, run_dir: Path) -> None:
     """Histogram of the ratios beside the unseen-real reference, and the 5 closest generated/training pairs."""
-    from benchmark.figures import ratio_histogram, triplanar_grid
-
     from benchmark.evaluation import memorization
+    from benchmark.figures import ratio_histogram, triplanar_grid
 
     memo = memorization(ctx)
     hist = ratio_histogram(memo["ratios"], memo["reference"], ctx.cfg.utility.memo_threshold,

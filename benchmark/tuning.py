@@ -102,10 +102,10 @@ def objective_factory(cfg: Config, parent_run_id: str | None, progress: bool) ->
                 f"trial-{trial.number}", tags={"optuna_trial": str(trial.number), "method": tcfg.method,
                                                "config_digest": run_digest(tcfg), **stages.tags})
             tracker.log_params({**flatten(tcfg), "optuna.trial": trial.number})
-        from benchmark.runner import _batch_sources, _val_fid_validator, build_method
+        from benchmark.runner import prepare_training
 
-        method = build_method(tcfg, stages.heads)
-        fid_validator = _val_fid_validator(tcfg, stages)
+        setup = prepare_training(tcfg, stages)
+        method, fid_validator = setup.method, setup.validator
         multi = len(_directions(cfg)) > 1
         counter = {"n": 0}
 
@@ -121,9 +121,8 @@ def objective_factory(cfg: Config, parent_run_id: str | None, progress: bool) ->
             return out
 
         run_dir = Path("runs") / "tune" / f"trial-{trial.study.study_name}-{trial.number}-{digest(tcfg)}"
-        train_src, val_src = _batch_sources(tcfg, stages.bundle)
         try:
-            result = train(method, tcfg, train_src, run_dir, tracker=tracker, val_data=val_src,
+            result = train(method, tcfg, setup.train_data, run_dir, tracker=tracker, val_data=setup.val_data,
                            extra_validator=validator, resume=False, progress=progress)
             fid = result.state.validations[-1]["val_fid"] if result.state.validations else math.inf
             values: list[float] = [fid]
