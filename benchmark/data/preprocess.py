@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -233,25 +234,112 @@ def _init_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _prepare_one(task: tuple[int, str, str, str | None, int, str, str]) -> int:
+@dataclass(frozen=True)
+class PrepTask:
+    """One CSV row to preprocess: what a worker process needs (picklable, no open files)."""
+
+    position: int  # row index in the validated table (orders results and errors as in the CSV)
+    row_label: str  # "<csv row> (subject <id>)", for error messages
+    src: Path
+    mask: Path | None
+    size: int
+    cache_dir: Path
+    dest: Path  # output NIfTI
+
+
+def _prepare_one(task: PrepTask) -> int:
     """Worker: preprocess one row (through the cache) and write its output NIfTI. Errors name the CSV row."""
-    position, row_label, src, mask, size, cache_dir, dest = task
     try:
-        result = cached_preprocess(Path(src), size, Path(cache_dir), Path(mask) if mask else None)
+        result = cached_preprocess(task.src, task.size, task.cache_dir, task.mask)
     except DataError as exc:
         if exc.reason is None:  # a message-only DataError: keep its text, add the row
-            raise DataError(src, exc.file, row=row_label, column="image") from None
-        raise DataError(exc.file, exc.reason, row=row_label, column=exc.column or "image", value=exc.value) from None
+            raise DataError(task.src, exc.file, row=task.row_label, column="image") from None
+        raise DataError(exc.file, exc.reason, row=task.row_label, column=exc.column or "image",
+                        value=exc.value) from None
     except Exception as exc:  # anything unexpected still names the file and row, on one line
         reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
-        raise DataError(src, reason, row=row_label, column="image") from None
+        raise DataError(task.src, reason, row=task.row_label, column="image") from None
     array, affine = result
-    save_nifti_atomic(array, affine, Path(dest))
-    return position
+    save_nifti_atomic(array, affine, task.dest)
+    return task.position
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()) or "x"
+
+
+def _plan_tasks(csv: Path, table: pd.DataFrame, images: Path, out: Path, size: int, mask_dir: Path | None,
+                cache_dir: Path, skip_bad: bool, skipped: list[str]) -> list[PrepTask]:
+    """One task per usable row, with a unique output name per (subject, scan); a missing mask is a row error."""
+    names: set[str] = set()
+    scan_count: dict[str, int] = {}
+    tasks = []
+    for position, row in enumerate(table.itertuples(index=False)):
+        row_label = f"{row.csv_row} (subject {row.subject_id})"
+        mask = None
+        if mask_dir is not None:
+            mask = Path(mask_dir) / Path(row.image).name
+            if not mask.is_file():
+                error = DataError(csv, f"mask not found: {mask}", row=row_label, column="image", value=row.image)
+                if not skip_bad:
+                    raise error
+                skipped.append(str(error))
+                continue
+        scan = getattr(row, "scan_id", "")
+        if not isinstance(scan, str) or not scan.strip():
+            scan = str(scan_count.get(row.subject_id, 0))
+        scan_count[row.subject_id] = scan_count.get(row.subject_id, 0) + 1
+        name = f"{_safe(row.subject_id)}_{_safe(scan)}"
+        if name in names:
+            name = f"{name}_r{row.csv_row}"
+        names.add(name)
+        tasks.append(PrepTask(position, row_label, images / row.image, mask, size, cache_dir,
+                              out / "images" / f"{name}.nii"))
+    return tasks
+
+
+def _run_tasks(tasks: list[PrepTask], workers: int, skip_bad: bool, progress: bool, desc: str
+               ) -> tuple[dict[int, str], dict[int, DataError]]:
+    """Run the tasks (in-process or in a pool); returns ({position: output path}, {position: row error}). Without
+    ``skip_bad`` it stops at the first row error (pending tasks are cancelled)."""
+    from tqdm.auto import tqdm
+
+    done: dict[int, str] = {}
+    errors: dict[int, DataError] = {}
+    bar = tqdm(total=len(tasks), desc=desc, unit="scan", disable=not progress)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                try:
+                    done[_prepare_one(task)] = str(task.dest)
+                except DataError as exc:
+                    errors[task.position] = exc
+                    if not skip_bad:
+                        break
+                bar.update()
+            return done, errors
+        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+            futures = {pool.submit(_prepare_one, task): task for task in tasks}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    task = futures[future]
+                    exc = future.exception()
+                    if exc is None:
+                        done[task.position] = str(task.dest)
+                    elif isinstance(exc, DataError):
+                        errors[task.position] = exc
+                    else:
+                        raise exc
+                    bar.update()
+                if errors and not skip_bad:
+                    for future in pending:
+                        future.cancel()
+                    break
+    finally:
+        bar.close()
+    return done, errors
 
 
 def prepare_cohort(
@@ -282,75 +370,14 @@ def prepare_cohort(
     Raises:
         DataError: the first bad row (by CSV order) when not `skip_bad`.
     """
-    from tqdm.auto import tqdm
-
     csv, images, out = Path(csv), Path(images), Path(out)
     table, skipped = read_clinical(csv, images, skip_bad=skip_bad, check_images=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
     cache_dir.mkdir(exist_ok=True)
 
-    names: set[str] = set()
-    scan_count: dict[str, int] = {}
-    tasks = []
-    for position, row in enumerate(table.itertuples(index=False)):
-        row_label = f"{row.csv_row} (subject {row.subject_id})"
-        src = images / row.image
-        mask = None
-        if mask_dir is not None:
-            mask = Path(mask_dir) / Path(row.image).name
-            if not mask.is_file():
-                error = DataError(csv, f"mask not found: {mask}", row=row_label, column="image", value=row.image)
-                if not skip_bad:
-                    raise error
-                skipped.append(str(error))
-                continue
-        scan = getattr(row, "scan_id", "")
-        if not isinstance(scan, str) or not scan.strip():
-            scan = str(scan_count.get(row.subject_id, 0))
-        scan_count[row.subject_id] = scan_count.get(row.subject_id, 0) + 1
-        name = f"{_safe(row.subject_id)}_{_safe(scan)}"
-        if name in names:
-            name = f"{name}_r{row.csv_row}"
-        names.add(name)
-        dest = str(out / "images" / f"{name}.nii")
-        tasks.append((position, row_label, str(src), str(mask) if mask else None, size, str(cache_dir), dest))
-
-    done: dict[int, str] = {}
-    errors: dict[int, DataError] = {}
-    bar = tqdm(total=len(tasks), desc=f"prepare {size}³", unit="scan", disable=not progress)
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            for task in tasks:
-                try:
-                    done[_prepare_one(task)] = task[6]
-                except DataError as exc:
-                    errors[task[0]] = exc
-                    if not skip_bad:
-                        break
-                bar.update()
-        else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-                futures = {pool.submit(_prepare_one, task): task for task in tasks}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in finished:
-                        task = futures[future]
-                        exc = future.exception()
-                        if exc is None:
-                            done[task[0]] = task[6]
-                        elif isinstance(exc, DataError):
-                            errors[task[0]] = exc
-                        else:
-                            raise exc
-                        bar.update()
-                    if errors and not skip_bad:
-                        for future in pending:
-                            future.cancel()
-                        break
-    finally:
-        bar.close()
+    tasks = _plan_tasks(csv, table, images, out, size, mask_dir, cache_dir, skip_bad, skipped)
+    done, errors = _run_tasks(tasks, workers, skip_bad, progress, desc=f"prepare {size}³")
     if errors and not skip_bad:
         raise errors[min(errors)]
     skipped.extend(str(errors[k]) for k in sorted(errors))
