@@ -250,9 +250,12 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
                  + ("paired t-tests over seeds" if n_seeds > 1 else
                     "Welch t-tests over generation draws (FID) or test subjects (SSIM/LPIPS)") + ").")
     if suite.references:
-        note += (" Reference rows need no training: Real = random real training volumes at the same n as every "
-                 "generated set (the real-vs-real floor); train_copy = the training subject nearest to each "
-                 "requested clinical vector (a perfect memoriser); mean_volume = the training mean for every request.")
+        meaning = {"real": "Real = random real training volumes at the same n as every generated set (the "
+                           "real-vs-real floor)",
+                   "train_copy": "train_copy = the training subject nearest to each requested clinical vector (a "
+                                 "perfect memoriser)",
+                   "mean_volume": "mean_volume = the training mean for every request"}
+        note += " Reference rows need no training: " + "; ".join(meaning[r] for r in suite.references) + "."
     if any(c.key == "fid_resnet18sep" for c in columns):
         note += (" FID = evaluation-only 3-D ResNet-18 trained on the training split, used by no loss; FID (cls) = "
                  "the frozen AD/CN classifier, which shares weights with `ours`' training losses (L_cls and the "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,89 +106,180 @@ def run_suite(name: str, cfg: Config, *, seeds: int = 1, progress: bool = True, 
     return 0
 
 
+@dataclass
+class SuiteRun:
+    """One invocation of a suite: its parent run, the shared stages, and what its steps accumulate."""
+
+    suite: Suite
+    cfg: Config
+    stages: Any
+    parent: Any
+    experiment: str
+    progress: bool
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # per-step results (e.g. the utility suite's real arm)
+
+
+@dataclass
+class Cell:
+    """One table cell row: a method x seed, its child run, and the finished run it reuses (if any)."""
+
+    method: str
+    cfg: Config
+    label: str
+    child: Any = None
+    reused: Any = None
+
+
+@dataclass(frozen=True)
+class SuiteStep:
+    """A suite's extra work beside training and scoring its rows: ``before`` the rows, ``per_cell`` after each
+    row's child run is evaluated (inside its failure handling), ``after`` the rows. ``applies`` picks the suites."""
+
+    name: str
+    applies: Callable[[Suite], bool]
+    before: Callable[[SuiteRun], None] | None = None
+    per_cell: Callable[[SuiteRun, Cell], None] | None = None
+    after: Callable[[SuiteRun], None] | None = None
+
+
+def _cells(suite: Suite, cfg: Config, seeds: int) -> list[Cell]:
+    """Reference rows first, then the methods; one cell per seed."""
+    out = []
+    for method in suite.references + suite.methods:
+        for seed in range(seeds):
+            mcfg = replace(cfg, method=method, train=replace(cfg.train, seed=cfg.train.seed + seed))
+            out.append(Cell(method, mcfg, f"{method}-seed{mcfg.train.seed}"))
+    return out
+
+
 def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bool) -> list[str]:
-    from benchmark import report
-    from benchmark.runner import default_run_dir, prepare_stages, run_method, stage_metrics
-    from benchmark.tracking import MlflowTracker, TrackingSettings
+    from benchmark.runner import prepare_stages, stage_metrics
+    from benchmark.tracking import MlflowTracker
 
     t0 = time.perf_counter()
     stages = prepare_stages(cfg, progress=progress)
     experiment = cfg.tracking.experiment or suite.name
     parent = MlflowTracker.start(experiment, f"{suite.name}-{cfg.preset}",
-                                 tags={**stages.tags, "suite": suite.name, "seeds": str(seeds),
-                                       "kind": "suite"})
+                                 tags={**stages.tags, "suite": suite.name, "seeds": str(seeds), "kind": "suite"})
     parent.log_params({"suite": suite.name, "preset": cfg.preset, "seeds": seeds,
                        "methods": ",".join(suite.methods)})
     parent.log_metrics(stage_metrics(stages))
-    failures: list[str] = []
-    timings: dict[str, float] = {}
-    utility_rows: dict[str, dict[str, tuple[float, float]]] = {}
-    real_arm: dict[str, float] = {}
-    if suite.utility:
-        real_arm = _real_utility(cfg, stages, parent, progress)
-    for method in suite.references + suite.methods:
-        for seed in range(seeds):
-            mcfg = replace(cfg, method=method, train=replace(cfg.train, seed=cfg.train.seed + seed))
-            label = f"{method}-seed{mcfg.train.seed}"
-            done = None if fresh else _finished_child(experiment, mcfg)
-            start = time.perf_counter()
-            try:
-                if done is not None:
-                    child = parent.child(label, tags={**_child_tags(mcfg, suite.name), "reused_from": done.run_id})
-                    child.log_params({k: v for k, v in done.params.items()})
-                    child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
-                    child.log_metrics(done.metrics)
-                    print(f"[{suite.name}] {label}: reused finished run {done.run_id}")
-                else:
-                    run_dir = default_run_dir(mcfg)
-                    child = parent.child(label, tags=_child_tags(mcfg, suite.name))
-                    what = "reference row, no training" if method in suite.references else \
-                        f"training ({mcfg.train.budget_volumes} volumes)"
-                    print(f"[{suite.name}] {label}: {what} in {run_dir}")
-                    run_method(mcfg, stages, child, run_dir=run_dir, resume=True, progress=progress)
-                if suite.utility:
-                    utility_rows[label] = _generator_utility(mcfg, stages, child, done, real_arm, progress)
-                child.finish("FINISHED")
-            except KeyboardInterrupt:
-                child.finish("KILLED")
-                parent.finish("KILLED")
-                raise
-            except Exception as err:  # noqa: BLE001 - one failing method must not stop the suite
-                child.set_tags({"error": f"{type(err).__name__}: {err}"[:4000]})
-                child.log_text(traceback.format_exc(), "error.txt")
-                child.finish("FAILED")
-                failures.append(f"{suite.name}/{label}: {type(err).__name__}: {err}")
-                print(f"[{suite.name}] {label}: FAILED ({type(err).__name__}: {err})", file=sys.stderr)
-            if done is None:
-                timings[label] = time.perf_counter() - start
-    if utility_rows:
-        from benchmark.figures import grouped_bars
-
-        fig = grouped_bars(utility_rows, Path("runs") / "utility" / "utility_bac.png", "test balanced accuracy",
-                           title="AD/CN classifier trained on real / real+synthetic / synthetic")
-        parent.log_artifact(fig, "figures")
-    if suite.real_row:
-        from benchmark.evaluation import EvalContext, real_clinical_metrics
-
-        ctx = EvalContext(cfg, None, stages)
-        parent.log_metrics({f"real.{k}": v for k, v in real_clinical_metrics(ctx).items()})
-    if suite.prior_eval:
-        _evaluate_prior(cfg, stages, parent)
-    if suite.validity:
-        _evaluate_validity(cfg, stages, parent, progress)
-    parent.log_metrics({f"time.{k}": v for k, v in timings.items()})
+    run = SuiteRun(suite, cfg, stages, parent, experiment, progress)
+    steps = [step for step in STEPS if step.applies(suite)]
+    for step in steps:
+        if step.before:
+            step.before(run)
+    for cell in _cells(suite, cfg, seeds):
+        _run_cell(run, cell, steps, fresh)
+    for step in steps:
+        if step.after:
+            step.after(run)
+    parent.log_metrics({f"time.{k}": v for k, v in run.timings.items()})
     parent.log_metrics({"time.total_s": time.perf_counter() - t0})
-    settings = TrackingSettings.load(cfg.tracking.config_file)
-    text = report.render_suite(suite.name, fmt="md", parent_run_id=parent.run_id, settings=settings,
-                               experiment=experiment)
-    print(text)
+    _render(run)
+    parent.finish("FAILED" if run.failures else "FINISHED")
+    return run.failures
+
+
+def _run_cell(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: bool) -> None:
+    """Reuse a finished run of the same config, or train and evaluate; a failure is recorded, never raised."""
+    from benchmark.runner import default_run_dir, run_method
+
+    name = run.suite.name
+    cell.reused = None if fresh else _finished_child(run.experiment, cell.cfg)
+    start = time.perf_counter()
+    try:
+        if cell.reused is not None:
+            done = cell.reused
+            cell.child = run.parent.child(cell.label, tags={**_child_tags(cell.cfg, name), "reused_from": done.run_id})
+            cell.child.log_params(dict(done.params))
+            cell.child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
+            cell.child.log_metrics(done.metrics)
+            print(f"[{name}] {cell.label}: reused finished run {done.run_id}")
+        else:
+            run_dir = default_run_dir(cell.cfg)
+            cell.child = run.parent.child(cell.label, tags=_child_tags(cell.cfg, name))
+            what = "reference row, no training" if cell.method in run.suite.references else \
+                f"training ({cell.cfg.train.budget_volumes} volumes)"
+            print(f"[{name}] {cell.label}: {what} in {run_dir}")
+            run_method(cell.cfg, run.stages, cell.child, run_dir=run_dir, resume=True, progress=run.progress)
+        for step in steps:
+            if step.per_cell:
+                step.per_cell(run, cell)
+        cell.child.finish("FINISHED")
+    except KeyboardInterrupt:
+        if cell.child is not None:
+            cell.child.finish("KILLED")
+        run.parent.finish("KILLED")
+        raise
+    except Exception as err:  # noqa: BLE001 - one failing method must not stop the suite
+        if cell.child is not None:
+            cell.child.set_tags({"error": f"{type(err).__name__}: {err}"[:4000]})
+            cell.child.log_text(traceback.format_exc(), "error.txt")
+            cell.child.finish("FAILED")
+        run.failures.append(f"{name}/{cell.label}: {type(err).__name__}: {err}")
+        print(f"[{name}] {cell.label}: FAILED ({type(err).__name__}: {err})", file=sys.stderr)
+    if cell.reused is None:
+        run.timings[cell.label] = time.perf_counter() - start
+
+
+def _render(run: SuiteRun) -> None:
+    """Print the table, store it as md/csv/LaTeX on the parent run, and log the suite's figures."""
+    from benchmark import report
+    from benchmark.tracking import TrackingSettings
+
+    settings = TrackingSettings.load(run.cfg.tracking.config_file)
+    name = run.suite.name
+
+    def table(fmt: str) -> str:
+        return report.render_suite(name, fmt=fmt, parent_run_id=run.parent.run_id, settings=settings,
+                                   experiment=run.experiment)
+
+    print(table("md"))
     for fmt in ("md", "csv", "latex"):
-        parent.log_text(report.render_suite(suite.name, fmt=fmt, parent_run_id=parent.run_id, settings=settings,
-                                            experiment=experiment), f"tables/{suite.name}.{report.EXT[fmt]}")
-    report.log_figures(suite, parent, stages, cfg)
-    _log_learning_curves(suite, cfg, parent)
-    parent.finish("FAILED" if failures else "FINISHED")
-    return failures
+        run.parent.log_text(table(fmt), f"tables/{name}.{report.EXT[fmt]}")
+    report.log_figures(run.suite, run.parent, run.stages, run.cfg)
+    _log_learning_curves(run.suite, run.cfg, run.parent)
+
+
+# --- per-suite steps --------------------------------------------------------------------------------------------
+def _utility_before(run: SuiteRun) -> None:
+    run.state["real_arm"] = _real_utility(run.cfg, run.stages, run.parent, run.progress)
+    run.state["utility_rows"] = {}
+
+
+def _utility_cell(run: SuiteRun, cell: Cell) -> None:
+    run.state["utility_rows"][cell.label] = _generator_utility(cell.cfg, run.stages, cell.child, cell.reused,
+                                                               run.state["real_arm"], run.progress)
+
+
+def _utility_after(run: SuiteRun) -> None:
+    from benchmark.figures import grouped_bars
+
+    if run.state["utility_rows"]:
+        fig = grouped_bars(run.state["utility_rows"], Path("runs") / "utility" / "utility_bac.png",
+                           "test balanced accuracy",
+                           title="AD/CN classifier trained on real / real+synthetic / synthetic")
+        run.parent.log_artifact(fig, "figures")
+
+
+def _real_row(run: SuiteRun) -> None:
+    """Table 4's Real column: the frozen heads on the test split."""
+    from benchmark.evaluation import EvalContext, real_clinical_metrics
+
+    ctx = EvalContext(run.cfg, None, run.stages)
+    run.parent.log_metrics({f"real.{k}": v for k, v in real_clinical_metrics(ctx).items()})
+
+
+STEPS = (
+    SuiteStep("utility", lambda s: s.utility, before=_utility_before, per_cell=_utility_cell, after=_utility_after),
+    SuiteStep("real_row", lambda s: s.real_row, after=_real_row),
+    SuiteStep("prior", lambda s: s.prior_eval, after=lambda run: _evaluate_prior(run.cfg, run.stages, run.parent)),
+    SuiteStep("validity", lambda s: s.validity,
+              after=lambda run: _evaluate_validity(run.cfg, run.stages, run.parent, run.progress)),
+)
 
 
 def _log_learning_curves(suite: Suite, cfg: Config, parent: Any) -> None:
