@@ -406,6 +406,19 @@ class StyleGAN2(GenerativeMethod):
         self.pl_mean.copy_(pl_mean)
         return penalty * s.pl_weight
 
+    @torch.no_grad()
+    def _init_output_bias(self, real: Tensor) -> None:
+        """Data-dependent init on the first step: the lowest-resolution toRGB bias := the data's mean intensity.
+
+        The skip architecture sums every resolution's toRGB output, upsampled; the 4^3 one's bias is a constant
+        offset of the whole volume. Volumes are z-scored inside the brain (mean about -3, background -4.6).
+        """
+        from benchmark.dist import all_reduce_mean
+
+        mean = all_reduce_mean(float(real.float().mean()), real.device)
+        for G in (self.G, self.G_ema):  # noqa: N806
+            G.synthesis.to_rgbs[0].bias.fill_(mean)
+
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         """G main (+ path length), then D main (+ R1) on ``batch["x"]`` [N,1,S,S,S]; one update of each network.
 
@@ -415,6 +428,8 @@ class StyleGAN2(GenerativeMethod):
         real = batch["x"]
         n, device = real.shape[0], real.device
         lazy = s.lazy_reg
+        if int(self.d_steps) == 0 and int(self.g_steps) == 0:
+            self._init_output_bias(real)
         r1_interval, pl_interval = self._intervals()
         do_pl = s.pl_weight > 0 and int(self.g_steps) % pl_interval == 0
         do_r1 = s.r1_gamma > 0 and int(self.d_steps) % r1_interval == 0

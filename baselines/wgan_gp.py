@@ -168,6 +168,17 @@ class WGANGP(GenerativeMethod):
 
         return diff_augment(x, policy)
 
+    @torch.no_grad()
+    def _init_output_bias(self, real: Tensor) -> None:
+        """Data-dependent init of the last layer's bias to the data's mean intensity (all ranks), on the first call.
+
+        Volumes are z-scored inside the brain (mean about -3, background -4.6) while G starts around 0; Adam moves
+        a bias by about lr a step, so the offset would otherwise take most of a short budget to learn.
+        """
+        from benchmark.dist import all_reduce_mean
+
+        self.G.to_volume.bias.fill_(all_reduce_mean(float(real.float().mean()), real.device))
+
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         """One critic update on ``batch["x"]`` [N,1,S,S,S]; a generator update on every n_critic-th call.
 
@@ -177,6 +188,8 @@ class WGANGP(GenerativeMethod):
         n = real.shape[0]
         w = self.cfg.wgan
         call = int(self.critic_updates)
+        if call == 0:
+            self._init_output_bias(real)
         z = self.batch_noise("z_critic", n, (w.z_dim,), call, real.device)
         with torch.no_grad(), self.autocast():
             fake = self.G(z)

@@ -97,7 +97,8 @@ def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any =
             val = bundle.tensors("val")
             history = fit_heads(heads, train, val, epochs=cfg.heads.epochs, batch_size=cfg.heads.batch_size,
                                 lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
-                                seed=cfg.heads.seed, progress=progress)
+                                seed=cfg.heads.seed, progress=progress, schedule=cfg.heads.schedule,
+                                mirror=cfg.heads.mirror, max_shift=cfg.heads.max_shift)
             test_x, test_c = bundle.tensors("test")
             std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
             test = evaluate_heads(heads, test_x, test_c, std=std)

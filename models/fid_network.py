@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from benchmark.data.augment import random_shift
 from benchmark.data.contract import LABEL_INDEX, N_ROI
 from metrics.extractors import MedicalNet18
 
@@ -80,36 +81,21 @@ def _resnet_init_(module: nn.Module) -> None:
 # --- augmented views ---------------------------------------------------------------------------------------------
 
 
-def _background(x: Tensor) -> Tensor:
-    """Per-volume background value [N, 1, 1, 1, 1]: the minimum (volumes hold the z-score of 0 outside the brain)."""
-    return x.flatten(1).amin(dim=1).view(-1, 1, 1, 1, 1)
-
-
 def random_view(x: Tensor, generator: torch.Generator, max_shift: int = 2, jitter: float = 0.1) -> Tensor:
     """A label- and sharpness-preserving random view of volumes [N, 1, S, S, S].
 
-    Integer translation by up to ``max_shift`` voxels per axis (padding with the volume's background value, no
-    interpolation), then brain intensities (voxels above the background) scaled by U(1 - jitter, 1 + jitter) and
-    shifted by U(-jitter, jitter). Draws come from ``generator`` (CPU).
+    Integer translation by up to ``max_shift`` voxels per axis (:func:`benchmark.data.augment.random_shift`:
+    background padding, no interpolation), then brain intensities (voxels above the background) scaled by
+    U(1 - jitter, 1 + jitter) and shifted by U(-jitter, jitter). Draws come from ``generator`` (CPU).
     """
     n = x.shape[0]
-    bg = _background(x)
-    out = torch.empty_like(x)
-    if max_shift > 0:
-        padded = F.pad(x - bg, (max_shift,) * 6) + bg  # background padding
-        shifts = torch.randint(0, 2 * max_shift + 1, (n, 3), generator=generator)
-        s = x.shape[2:]
-        for i in range(n):
-            a, b, c = (int(v) for v in shifts[i])
-            out[i] = padded[i, :, a : a + s[0], b : b + s[1], c : c + s[2]]
-    else:
-        out.copy_(x)
+    bg = x.flatten(1).amin(dim=1).view(-1, 1, 1, 1, 1)
+    out = random_shift(x, max_shift, generator)
     if jitter > 0:
         scale = 1 + jitter * (2 * torch.rand(n, generator=generator) - 1)
         offset = jitter * (2 * torch.rand(n, generator=generator) - 1)
         scale, offset = (t.view(-1, 1, 1, 1, 1).to(x) for t in (scale, offset))
-        brain = out > bg + 1e-3
-        out = torch.where(brain, out * scale + offset, out)
+        out = torch.where(out > bg + 1e-3, out * scale + offset, out)
     return out
 
 

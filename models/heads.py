@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from benchmark.data.augment import random_mirror, random_shift
 from benchmark.data.contract import LABEL_INDEX, N_ROI
 from metrics.clinical import balanced_accuracy
 from models.blocks import conv3x3x3, xavier_init_
@@ -342,6 +343,8 @@ def fit_heads(
     std: Tensor | None = None,
     schedule: str = "constant",
     weight_decay: float = 0.0,
+    mirror: bool = False,
+    max_shift: int = 0,
 ) -> dict[str, object]:
     """Train the classifier and the regressor on real volumes (paper §2.5), each with its own early stopping.
 
@@ -360,6 +363,10 @@ def fit_heads(
         schedule: "constant" (the paper's Adam at ``lr``) or "cosine": linear warm-up over the first epoch, then
             cosine decay to 0 at ``epochs`` (per step), which trains a from-scratch CNN in far fewer epochs.
         weight_decay: decoupled (AdamW-style) weight decay; 0 = the paper's plain Adam.
+        mirror: mirror half the training volumes left-right and swap their left/right ratio targets
+            (:func:`benchmark.data.augment.random_mirror`).
+        max_shift: translate training volumes by up to this many voxels per axis
+            (:func:`benchmark.data.augment.random_shift`; integer shifts, no interpolation).
     Returns:
         {"history": [per-epoch dicts], "val_bac", "val_mse", "best_epoch_cls", "best_epoch_reg", "epochs_run"};
         val_* are of the returned (best) states.
@@ -391,10 +398,13 @@ def fit_heads(
             sums = {"cls": 0.0, "reg": 0.0}
             batches = [b for b in perm.split(batch_size) if len(b) > 1 or n == 1]  # BatchNorm needs 2 at 1^3
             for idx in batches:
-                xb = x_tr[idx].to(device)
+                xb, cb = x_tr[idx], c_tr[idx]
+                if mirror:
+                    xb, cb = random_mirror(xb, cb, gen)
+                xb = random_shift(xb, max_shift, gen).to(device)
                 xb = augment(xb) if augment is not None else xb
                 loss_cls = F.cross_entropy(heads.logits(xb), label[idx].to(device))
-                loss_reg = F.mse_loss(heads.ratios(xb), c_tr[idx, :N_ROI].to(device, xb.dtype))
+                loss_reg = F.mse_loss(heads.ratios(xb), cb[:, :N_ROI].to(device, xb.dtype))
                 _step(opts["cls"], nets["cls"], loss_cls, grad_clip)
                 _step(opts["reg"], nets["reg"], loss_reg, grad_clip)
                 for sched in scheds.values():

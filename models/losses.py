@@ -28,17 +28,24 @@ def l1_reconstruction(x_hat: Tensor, x: Tensor) -> Tensor:
 
 
 def kl_diag_gaussians(
-    mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None = None, logvar_p: Tensor | None = None
+    mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor | None = None, logvar_p: Tensor | None = None,
+    reduction: str = "sum",
 ) -> Tensor:
     """L_KL = KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) in closed form.
 
     Args:
         mu_q, logvar_q: [N, k] posterior mean and log variance (log sigma^2).
         mu_p, logvar_p: [N, k] prior mean and log variance; ``None`` means N(0, I).
+        reduction: over the k latent dimensions, ``"sum"`` (nats per sample) or ``"mean"`` (nats per dimension).
     Returns:
-        Scalar: summed over the k latent dimensions, averaged over the batch.
+        Scalar: reduced over the k latent dimensions, averaged over the batch.
     """
-    return kl_per_dim(mu_q, logvar_q, mu_p, logvar_p).sum(dim=1).mean()
+    kl = kl_per_dim(mu_q, logvar_q, mu_p, logvar_p)
+    if reduction == "sum":
+        return kl.sum(dim=1).mean()
+    if reduction == "mean":
+        return kl.mean()
+    raise ValueError(f"unknown KL reduction {reduction!r}; valid: sum, mean")
 
 
 def kl_per_dim(

@@ -95,7 +95,7 @@ from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
 STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
 DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
 ACTIVE_UNIT_NATS = 0.01  # a latent dimension is "active" when its batch-mean KL(q || p) exceeds this
-LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32; never reached in normal training
+LOGVAR_RANGE = (-30.0, 4.0)  # float32-safe; the cap stops the log-variance head random-walking (DESIGN §9)
 
 
 @dataclass(frozen=True)
@@ -282,7 +282,8 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
-                 style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False) -> None:
+                 style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False,
+                 output_template: bool = False) -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -298,13 +299,22 @@ class Decoder(nn.Module):
         self.out = nn.Conv3d(chans[0], 1, 1)
         # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
         # sqrt(2 fan_in / (fan_in + fan_out)) (x0.09 at paper size): their gain makes the variance 1 / fan_in.
-        xavier_init_(self.fc, gain=_expanding_gain(latent_dim, self.fc.out_features))
-        import os
-        if os.environ.get("FC_CONST"):
-            with torch.no_grad():
-                self.fc.bias.normal_()
+        # The fc bias is the decoder's learned constant input (StyleGAN's "const"), initialised N(0, 1/2) with the
+        # z path scaled to variance 1/2 too: a zero bias made the decoder positively homogeneous in z (every bias 0,
+        # LeakyReLU), so all of its output energy, the mean brain included, had to come from |z|; it then decoded
+        # a posterior mean near 0 to a blank volume and the prior's z's (norm ~sqrt(k)) to the mean brain.
+        xavier_init_(self.fc, gain=_expanding_gain(latent_dim, self.fc.out_features) * math.sqrt(0.5))
+        with torch.no_grad():
+            self.fc.bias.normal_(0.0, math.sqrt(0.5))
         xavier_init_(self.expand, gain=_expanding_gain(bottleneck_channels, chans[-1]))
         xavier_init_(self.out)
+        # Optional per-voxel output template (cfg.model.output_template): x_hat = template + g(z, c), set to the mean
+        # of the first training batch by VAEGANMethod (data-dependent init of a per-voxel output bias).
+        self.template = nn.Parameter(torch.zeros(1, 1, size, size, size)) if output_template else None
+        if output_template:
+            # the residual starts at 0 (zero-init last layer): a random residual on top of the template would first
+            # be unlearned by shrinking the output weights, which cuts z out of the decoder (posterior collapse)
+            nn.init.zeros_(self.out.weight)
 
     def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
         w = None
@@ -317,7 +327,8 @@ class Decoder(nn.Module):
         for stage in self.stages:
             use = self.grad_checkpoint and self.training
             h = _run(stage, use, h, w) if w is not None else _run(stage, use, h)
-        return pointwise_conv(h, self.out)
+        out = pointwise_conv(h, self.out)
+        return out if self.template is None else out + self.template.to(out.dtype)
 
 
 class PatchDiscriminator(nn.Module):
@@ -396,7 +407,8 @@ def build_generator(cfg: Config, variant: Variant) -> VAEGenerator:
     encoder = Encoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels, embed,
                       m.grad_checkpoint)
     decoder = Decoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels,
-                      m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint)
+                      m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint,
+                      m.output_template)
     prior = ClinicalPrior(m.latent_dim, m.clinical_embed_dim) if variant.clinical else None
     return VAEGenerator(encoder, decoder, prior)
 
@@ -516,15 +528,23 @@ class VAEGANMethod(GenerativeMethod):
         for data in [-4.6, 2.3]. Starting at the data's mean removes that need (the "init the last bias to the
         data mean" recipe). A resumed run (step > 0) never re-initialises.
         """
-        from benchmark.dist import all_reduce_mean
+        from benchmark.dist import all_reduce_mean, world_size
 
+        decoders = [self.G.decoder] + ([self.ema.module.decoder] if self.ema is not None else [])
+        if decoders[0].template is not None:
+            volume = x.float().mean(0, keepdim=True)
+            if world_size() > 1:
+                torch.distributed.all_reduce(volume)
+                volume /= world_size()
+            for d in decoders:
+                d.template.copy_(volume)
+            return
         mean = all_reduce_mean(float(x.float().mean()), x.device)
-        self.G.decoder.out.bias.fill_(mean)
-        if self.ema is not None:
-            self.ema.module.decoder.out.bias.fill_(mean)
+        for d in decoders:
+            d.out.bias.fill_(mean)
 
     def _loss_weights(self, step: int) -> LossConfig:
-        """``cfg.loss`` with lambda_KL ramped linearly over ``loss.kl_warmup_volumes`` (volumes seen before this step)."""
+        """``cfg.loss`` with lambda_KL ramped linearly over ``loss.kl_warmup_volumes`` (volumes seen so far)."""
         w = self.cfg.loss
         if w.kl_warmup_volumes <= 0:
             return w
@@ -559,7 +579,7 @@ class VAEGANMethod(GenerativeMethod):
                 x_hat = self.G.decoder(z, c)
                 mu_p, logvar_p = self.G.prior_params(c, n, mu_q)
                 terms = {"rec": l1_reconstruction(x_hat, x),
-                         "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p)}
+                         "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p, self.cfg.loss.kl_reduction)}
                 if v.adversarial:
                     terms["adv"] = gan_g_loss(self.D(_diff_augment(x_hat, policy), c), m.adv_loss)
                 # resnet3d_aux runs the frozen classifier on x_hat, as L_cls does: one pass serves both (exact).

@@ -103,3 +103,28 @@ def test_kendall_tau_between_seed_rankings() -> None:
                "b": [_run("b", 0, fid_resnet18=5.0), _run("b", 1, fid_resnet18=5.0)],
                "c": [_run("c", 0, fid_resnet18=9.0), _run("c", 1, fid_resnet18=1.0)]}
     assert kendall_tau(("a", "b", "c"), flipped, "fid_resnet18") == pytest.approx(-1.0)
+
+
+def test_metric_order_never_changes_a_value(smoke, tmp_path) -> None:  # noqa: ANN001
+    """The same metric list in two orders, with fid_medicalnet18 (weights from a small file made here) in the
+    middle, gives identical values: no metric changes the context or what later metrics use."""
+    from dataclasses import replace
+
+    from benchmark.evaluation import EvalContext, evaluate
+    from metrics.extractors import MedicalNet18
+
+    cfg, stages = smoke
+    torch.manual_seed(0)
+    state = {f"module.{k}": v for k, v in MedicalNet18(shortcut="B", width=2).state_dict().items()}
+    weights = tmp_path / "resnet_18_23dataset.pth"
+    torch.save({"state_dict": state}, weights)
+    cfg = replace(cfg, method="real", eval=replace(cfg.eval, medicalnet_weights=str(weights), n_draws=2))
+    names = ["fid_resnet18", "ssim_triplanar", "fid_medicalnet18", "ssim_nn_triplanar", "nn_ratio"]
+    results = []
+    for order in (names, names[::-1], names[2:] + names[:2]):
+        method = build_method(cfg, stages.heads).fit(stages.bundle)
+        ctx = EvalContext(cfg, method, stages)
+        results.append(evaluate(ctx, order))
+        assert "unavailable.fid_medicalnet18" not in ctx.notes, ctx.notes
+    assert "fid_medicalnet18" in results[0] and "ssim_triplanar" in results[0]
+    assert results[0] == results[1] == results[2]

@@ -143,7 +143,7 @@ def test_training_step_updates_and_shapes(row: str, size: int) -> None:
     assert m.sample(3, c).shape == (3, 1, size, size, size)
     assert m.reconstruct(batch["x"], batch["c"]).shape == (2, 1, size, size, size)
     val = m.validation_losses(batch)
-    assert set(val) == {"val_l1", "val_kl"} and val["val_l1"] > 0
+    assert set(val) == {"val_l1", "val_l1_sample", "val_kl", "active_units"} and val["val_l1"] > 0
 
 
 def test_param_groups_share_columns_across_rows() -> None:

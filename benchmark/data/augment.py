@@ -118,3 +118,46 @@ def diff_augment(
         for op in AUGMENTS[name]:
             x = op(x, generator=generator)
     return x.contiguous()
+
+
+# --- label-preserving augmentation for the shared stages (heads, FID network) ------------------------------------
+
+# Left/right pairs among the six ratios (contract.ROI_NAMES: hipp_l, hipp_r, amyg_l, amyg_r, vent_l, vent_r).
+LR_SWAP = (1, 0, 3, 2, 5, 4)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each volume of [N, 1, D, H, W] by an integer U{-max_shift..max_shift} voxels per axis.
+
+    No interpolation (so no blur), and the uncovered border takes the volume's background value (its minimum: the
+    z-score of intensity 0), not 0, which inside a z-scored volume would be tissue. Draws from ``generator`` (CPU).
+    """
+    if max_shift <= 0:
+        return x
+    n, spatial = x.shape[0], x.shape[2:]
+    bg = x.flatten(1).amin(dim=1).tolist()
+    shifts = torch.randint(0, 2 * max_shift + 1, (n, 3), generator=generator).tolist()
+    out = []
+    for i, (a, b, c) in enumerate(shifts):
+        padded = F.pad(x[i], (max_shift,) * 6, value=bg[i])
+        out.append(padded[:, a : a + spatial[0], b : b + spatial[1], c : c + spatial[2]])
+    return torch.stack(out)
+
+
+def random_mirror(
+    x: torch.Tensor, c: torch.Tensor, generator: torch.Generator, p: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror each volume left-right (first spatial axis, RAS) with probability ``p`` and swap its left/right ratios.
+
+    ``c`` is [N, 7] (six ratios + label) or [N, 6]; the label is unchanged. Valid for the synthetic cohort (built on
+    the symmetric MNI152 2009a template) and for real data in RAS orientation, where a mirrored brain is a
+    plausible brain with the sides exchanged.
+    """
+    flip = torch.rand(x.shape[0], generator=generator) < p
+    if not bool(flip.any()):
+        return x, c
+    x = torch.where(flip.view(-1, 1, 1, 1, 1).to(x.device), x.flip(2), x)
+    swapped = c.clone()
+    swapped[:, : len(LR_SWAP)] = c[:, list(LR_SWAP)]
+    c = torch.where(flip.view(-1, 1).to(c.device), swapped, c)
+    return x, c
