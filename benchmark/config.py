@@ -55,6 +55,9 @@ class ModelConfig:
     # Decoder output = a learned per-voxel template (set to the first training batch's mean volume) + g(z, c):
     # a conv decoder needs thousands of steps to draw even the mean brain's edges from its 1/8-resolution input.
     output_template: bool = False
+    # Activation normalisation in the decoder stages: "none" (paper) or "instance" (StyleGAN1's AdaIN-style instance
+    # norm after each stage conv, before the activation; DESIGN §9 "Decoder learning speed").
+    decoder_norm: str = "none"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ the evaluation-only FID network.
 
 Every method of a suite reuses the same heads (L_cls/L_reg, resnet3d_aux perceptual features, the
 ``resnet18sep`` FID extractor), the same diffusion prior (clinical vectors for conditional sampling) and the same
-FID network (``fid_fidnet``, used by no loss), so they are keyed only by what they depend on and never retrained
+FID network (``fid_resnet18``, used by no loss), so they are keyed only by what they depend on and never retrained
 per method.
 
 Reproducibility: each stage is a pure function of its digest. The digest holds the stage's config section (with
@@ -143,11 +143,11 @@ def build_fid_network(cfg: Config) -> Any:
 def get_fid_network(
     cfg: Config, bundle: DataBundle, progress: bool = True
 ) -> tuple[FrozenBackboneExtractor, dict[str, Any]]:
-    """The evaluation-only FID network for this data/split (``fid_fidnet``), trained on first use.
+    """The evaluation-only FID network for this data/split (``fid_resnet18``), trained on first use.
 
     A MedicalNet-layout 3-D ResNet-18 (``models.fid_network``) trained on the training split with its own seed and
     objective (``fidnet.*``); no generator loss uses it. Returns
-    ``(metrics.extractors.FrozenBackboneExtractor(backbone, "fidnet"), info)``: the extractor maps
+    ``(metrics.extractors.FrozenBackboneExtractor(backbone, "resnet18"), info)``: the extractor maps
     ``[N, 1, S, S, S]`` to pooled features ``[N, 8 * fidnet.width]`` (eval mode, no gradients); ``info`` holds
     ``digest``, ``fidnet_test_bac``, ``fidnet_val_bac`` (balanced accuracy of a logistic-regression probe on the
     frozen features, fit on the training split), ``fidnet_test_roi_r2``, ``fidnet_val_roi_r2`` (mean R^2 over the
@@ -178,4 +178,4 @@ def get_fid_network(
                     **{f"fidnet_{k}": v for k, v in scores.items()}}
             _atomic_save({"state": net.state_dict(), "info": info}, path)
     net.eval()
-    return FrozenBackboneExtractor(net.backbone, "fidnet"), info
+    return FrozenBackboneExtractor(net.backbone, "resnet18"), info

@@ -177,6 +177,8 @@ def load_medicalnet18(path: str | Path | None) -> FrozenBackboneExtractor:
         k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("conv_seg")
     }
     shortcut = "B" if any(".downsample." in k for k in state) else "A"
-    model = MedicalNet18(shortcut=shortcut)
+    # Width from the stem (64 for Tencent's checkpoints; narrower files are our own, e.g. in tests).
+    width = int(state["conv1.weight"].shape[0]) if "conv1.weight" in state else 64
+    model = MedicalNet18(shortcut=shortcut, width=width)
     model.load_state_dict(state, strict=True)
     return FrozenBackboneExtractor(model, "medicalnet18")

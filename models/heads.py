@@ -99,14 +99,17 @@ class ResNet18Sep3d(nn.Module):
     """
 
     def __init__(
-        self, width: int = 64, num_outputs: int | None = None, *, separable: bool = True, in_channels: int = 1
+        self, width: int = 64, num_outputs: int | None = None, *, separable: bool = True, in_channels: int = 1,
+        stem_pool: bool = True,
     ) -> None:
         super().__init__()
+        # stem_pool=False drops the stem's max-pool (total stride 16 instead of 32): at 32^3 the last stage is then
+        # 2^3 instead of 1^3, which the small presets need to resolve structures of a few voxels.
         self.stem = nn.Sequential(
             nn.Conv3d(in_channels, width, 7, stride=2, padding=3, bias=False),
             nn.BatchNorm3d(width),
             nn.ReLU(inplace=True),
-            nn.MaxPool3d(3, stride=2, padding=1),
+            *([nn.MaxPool3d(3, stride=2, padding=1)] if stem_pool else []),
         )
         stages, cin = [], width
         for mult, stride in zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True):
@@ -148,15 +151,16 @@ class ClinicalHeads(nn.Module):
     Args:
         width: ResNet base width of both backbones (64 in the paper).
         separable: depthwise-separable 3x3x3 convs (paper) or standard ones.
+        stem_pool: keep the stem's max-pool (ResNet-18 / paper); False for small volumes (see ResNet18Sep3d).
 
     Inputs are volumes ``x [N, 1, D, H, W]`` and standardised clinical vectors ``c [N, 7]`` (ratios standardised with
     the training split's mean/std, label 0/1 at index 6).
     """
 
-    def __init__(self, width: int = 64, *, separable: bool = True) -> None:
+    def __init__(self, width: int = 64, *, separable: bool = True, stem_pool: bool = True) -> None:
         super().__init__()
-        self.classifier = ResNet18Sep3d(width, 2, separable=separable)
-        self.regressor = ResNet18Sep3d(width, N_ROI, separable=separable)
+        self.classifier = ResNet18Sep3d(width, 2, separable=separable, stem_pool=stem_pool)
+        self.regressor = ResNet18Sep3d(width, N_ROI, separable=separable, stem_pool=stem_pool)
         self.frozen = False
 
     def logits(self, x: Tensor) -> Tensor:

@@ -245,8 +245,11 @@ class DecoderStage(nn.Module):
     With ``style_dim`` None both convs are plain (non-clinical rows).
     """
 
-    def __init__(self, cin: int, cout: int, separable: bool, style_dim: int | None) -> None:
+    def __init__(self, cin: int, cout: int, separable: bool, style_dim: int | None, norm: str = "none") -> None:
         super().__init__()
+        if norm not in ("none", "instance"):
+            raise ValueError(f"unknown decoder_norm {norm!r}; valid: none, instance")
+        self.norm = norm
         self.modulated = style_dim is not None
         if style_dim is not None:
             self.mix: nn.Module = style_conv(cin, cout, style_dim)
@@ -263,9 +266,18 @@ class DecoderStage(nn.Module):
         # voxel across channels and trilinear upsampling per channel across voxels with weights summing to 1, so
         # they commute. Mixing first runs the channel mix on 8x fewer voxels and upsamples Cout instead of Cin
         # channels (the paper's order is kept in `forward_reference`; a test checks both agree).
-        h = self.mix(x, w) if self.modulated else self.mix(x)
+        h = self._norm(self.mix(x, w) if self.modulated else self.mix(x))
         h = F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False)
-        return self.act(self.conv(self.act(h), w) if self.modulated else self.conv(self.act(h)))
+        return self.act(self._norm(self.conv(self.act(h), w) if self.modulated else self.conv(self.act(h))))
+
+    def _norm(self, h: Tensor) -> Tensor:
+        """Instance normalisation over each channel's voxels (``decoder_norm="instance"``), identity otherwise.
+
+        Mixing first then normalising equals normalising after the upsample up to the upsample's edge effects.
+        """
+        if self.norm == "none":
+            return h
+        return F.instance_norm(h)
 
     def forward_reference(self, x: Tensor, w: Tensor | None = None) -> Tensor:
         """Paper order: upsample x2 -> SC -> sd_c3."""
@@ -283,7 +295,7 @@ class Decoder(nn.Module):
 
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
                  style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False,
-                 output_template: bool = False) -> None:
+                 output_template: bool = False, norm: str = "none") -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -294,7 +306,7 @@ class Decoder(nn.Module):
         self.fc = nn.Linear(latent_dim, bottleneck_channels * self.base**3)
         self.expand = nn.Sequential(nn.Conv3d(bottleneck_channels, chans[-1], 1), _act())
         self.stages = nn.ModuleList(
-            DecoderStage(chans[i], chans[i - 1], separable, style_dim) for i in range(len(chans) - 1, 0, -1)
+            DecoderStage(chans[i], chans[i - 1], separable, style_dim, norm) for i in range(len(chans) - 1, 0, -1)
         )
         self.out = nn.Conv3d(chans[0], 1, 1)
         # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
@@ -408,7 +420,7 @@ def build_generator(cfg: Config, variant: Variant) -> VAEGenerator:
                       m.grad_checkpoint)
     decoder = Decoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels,
                       m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint,
-                      m.output_template)
+                      m.output_template, m.decoder_norm)
     prior = ClinicalPrior(m.latent_dim, m.clinical_embed_dim) if variant.clinical else None
     return VAEGenerator(encoder, decoder, prior)
 

@@ -99,7 +99,7 @@ def test_get_fid_network_stage(tmp_path: Path) -> None:
     cfg = resolve("smoke", overrides={"data.cache_dir": str(tmp_path), "fidnet.epochs": 1})
     bundle = load_bundle(cfg, progress=False)
     extractor, info = get_fid_network(cfg, bundle, progress=False)
-    assert isinstance(extractor, FrozenBackboneExtractor) and extractor.name == "fidnet"
+    assert isinstance(extractor, FrozenBackboneExtractor) and extractor.name == "resnet18"
     assert {"digest", "fidnet_test_bac", "fidnet_test_roi_r2", "fidnet_val_bac"} <= set(info)
     x, _ = bundle.tensors("test")
     feats = extractor(x)
