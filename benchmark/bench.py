@@ -105,7 +105,7 @@ def bench_metrics(cfg: Config, size: int, repeats: int) -> dict[str, Any]:
     n = 4
     real = random_batch(n, size, device)["x"]
     fake = real + 0.3 * torch.randn_like(real)
-    heads = ClinicalHeads(width=cfg.heads.width).freeze()
+    heads = ClinicalHeads(width=cfg.heads.width, stem_pool=cfg.heads.stem_pool).freeze()
     out: dict[str, Any] = {"what": "metrics", "size": size, "volumes": n, "threads": torch.get_num_threads()}
     for name, fn in (("ssim_triplanar", lambda: ssim_triplanar(real, fake, n=cfg.eval.n_slices)),
                      ("lpips_triplanar_alexrand", lambda: lpips_triplanar(real, fake, n=cfg.eval.n_slices,

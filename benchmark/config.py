@@ -58,6 +58,12 @@ class ModelConfig:
     # Activation normalisation in the decoder stages: "none" (paper) or "instance" (StyleGAN1's AdaIN-style instance
     # norm after each stage conv, before the activation; DESIGN §9 "Decoder learning speed").
     decoder_norm: str = "none"
+    # With output_template: x_hat = template warped by a displacement field the decoder draws (3 extra output
+    # channels, in units of WARP_SCALE x the half-width of the volume) + the residual channel (DESIGN §9).
+    template_warp: bool = False
+    # Initial bias of the encoder's log sigma^2 head (0 = paper: posterior noise starts at the prior's, norm ~sqrt(k),
+    # ~20x the posterior mean's; the decoder then learns to ignore z before the encoder can carry anything).
+    encoder_logvar_init: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class HeadsConfig:
     schedule: str = "constant"  # "constant" (paper) or "cosine" (one warm-up epoch, cosine decay to 0)
     mirror: bool = False  # mirror training volumes left-right, swapping the left/right ratio targets
     max_shift: int = 0  # integer translation augmentation of training volumes, voxels per axis
+    stem_pool: bool = True  # the stem's max-pool (ResNet-18); off at quick: 32^3 inputs would end at 1^3
     seed: int = 0  # construction and training of the shared stage (in its digest; independent of train.seed)
 
 

@@ -77,7 +77,7 @@ def stage_path(cfg: Config, kind: str, key: str) -> Path:
 def build_heads(cfg: Config) -> Any:
     from models.heads import ClinicalHeads
 
-    return ClinicalHeads(width=cfg.heads.width)
+    return ClinicalHeads(width=cfg.heads.width, stem_pool=cfg.heads.stem_pool)
 
 
 def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any = None) -> tuple[Any, dict[str, Any]]:

@@ -198,6 +198,7 @@ def train(
 
     ``stop_after_volumes`` ends the call early (leaving a resumable checkpoint), for tests and for Optuna pruning.
     """
+    # --- Set up: device, threads, seeds, optimizers, EMA and LR schedules -----------------------------------
     tracker = tracker or NullTracker()
     device = resolve_device(cfg.train.device)
     if cfg.train.num_threads:
@@ -208,6 +209,7 @@ def train(
     method.setup()
     method.setup_ema(cfg.train.ema_decay)
     schedulers = _make_schedulers(method, cfg)
+    # --- Resume: weights, optimizer/scheduler state, loop counters and RNG state from the last checkpoint ----
     state = TrainState()
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
@@ -220,6 +222,7 @@ def train(
         state = TrainState(**payload["state"])
         _set_rng_state(payload["rng"])
 
+    # --- Schedule: the budget in volumes seen, as steps; validation, checkpoint and logging cadences ---------
     batch = cfg.train.batch_size
     total_steps = math.ceil(cfg.train.budget_volumes / batch)
     val_every = max(1, cfg.train.val_every_volumes // batch)
@@ -243,6 +246,7 @@ def train(
         if dist.is_main():
             save_checkpoint(ckpt_path, method, schedulers, state, cfg)
 
+    # --- Train: one method step per batch; log, validate (LR plateau, early stop) and checkpoint on cadence --
     try:
         while state.step < limit_steps and not state.stopped_early:
             data = {k: v.to(device, non_blocking=True) for k, v in train_data.batch(state.step).items()}

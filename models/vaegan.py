@@ -95,6 +95,7 @@ from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
 STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
 DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
 ACTIVE_UNIT_NATS = 0.01  # a latent dimension is "active" when its batch-mean KL(q || p) exceeds this
+WARP_SCALE = 0.1  # template_warp: a unit displacement output moves the template by 0.1 x the half-width
 LOGVAR_RANGE = (-30.0, 4.0)  # float32-safe; the cap stops the log-variance head random-walking (DESIGN §9)
 
 
@@ -174,7 +175,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
-                 embed_dim: int = 0, grad_checkpoint: bool = False) -> None:
+                 embed_dim: int = 0, grad_checkpoint: bool = False, logvar_init: float = 0.0) -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -196,6 +197,8 @@ class Encoder(nn.Module):
         xavier_init_(self.bottleneck)
         xavier_init_(self.mu)
         xavier_init_(self.logvar)
+        with torch.no_grad():
+            self.logvar.bias.fill_(logvar_init)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = x
@@ -283,8 +286,8 @@ class DecoderStage(nn.Module):
         """Paper order: upsample x2 -> SC -> sd_c3."""
         h = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
         if self.modulated:
-            return self.act(self.conv(self.act(self.mix(h, w)), w))
-        return self.act(self.conv(self.act(self.mix(h))))
+            return self.act(self._norm(self.conv(self.act(self._norm(self.mix(h, w))), w)))
+        return self.act(self._norm(self.conv(self.act(self._norm(self.mix(h))))))
 
 
 class Decoder(nn.Module):
@@ -295,7 +298,7 @@ class Decoder(nn.Module):
 
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
                  style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False,
-                 output_template: bool = False, norm: str = "none") -> None:
+                 output_template: bool = False, norm: str = "none", template_warp: bool = False) -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -308,7 +311,10 @@ class Decoder(nn.Module):
         self.stages = nn.ModuleList(
             DecoderStage(chans[i], chans[i - 1], separable, style_dim, norm) for i in range(len(chans) - 1, 0, -1)
         )
-        self.out = nn.Conv3d(chans[0], 1, 1)
+        if template_warp and not output_template:
+            raise ValueError("model.template_warp needs model.output_template")
+        self.warp = template_warp
+        self.out = nn.Conv3d(chans[0], 4 if template_warp else 1, 1)
         # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
         # sqrt(2 fan_in / (fan_in + fan_out)) (x0.09 at paper size): their gain makes the variance 1 / fan_in.
         # The fc bias is the decoder's learned constant input (StyleGAN's "const"), initialised N(0, 1/2) with the
@@ -320,9 +326,18 @@ class Decoder(nn.Module):
             self.fc.bias.normal_(0.0, math.sqrt(0.5))
         xavier_init_(self.expand, gain=_expanding_gain(bottleneck_channels, chans[-1]))
         xavier_init_(self.out)
-        # Optional per-voxel output template (cfg.model.output_template): x_hat = template + g(z, c), set to the mean
+        # Optional per-voxel output template (cfg.model.output_template): x_hat = template + g(z, c). The template is
+        # the running mean of the training volumes seen so far (a buffer, like batch norm's running statistics,
+        # updated by VAEGANMethod): a per-voxel parameter initialised to the first batch's mean stayed a 4-subject
+        # mean, whose SSIM to test volumes is below the population mean's.
         # of the first training batch by VAEGANMethod (data-dependent init of a per-voxel output bias).
-        self.template = nn.Parameter(torch.zeros(1, 1, size, size, size)) if output_template else None
+        self.register_buffer("template", torch.zeros(1, 1, size, size, size) if output_template else None)
+        if output_template:
+            self.register_buffer("template_count", torch.zeros(()))
+        if template_warp:
+            eye = torch.eye(3, 4).unsqueeze(0)
+            self.register_buffer("grid", F.affine_grid(eye, [1, 1, size, size, size], align_corners=False),
+                                 persistent=False)
         if output_template:
             # the residual starts at 0 (zero-init last layer): a random residual on top of the template would first
             # be unlearned by shrinking the output weights, which cuts z out of the decoder (posterior collapse)
@@ -340,7 +355,17 @@ class Decoder(nn.Module):
             use = self.grad_checkpoint and self.training
             h = _run(stage, use, h, w) if w is not None else _run(stage, use, h)
         out = pointwise_conv(h, self.out)
-        return out if self.template is None else out + self.template.to(out.dtype)
+        if self.template is None:
+            return out
+        template = self.template.to(out.dtype)
+        if not self.warp:
+            return out + template
+        # Deformable template: smooth warps of a sharp template keep its edges (ventricles, grey/white boundary),
+        # where a decoder that learns for a few hundred steps draws only smooth blobs (DESIGN §9).
+        disp = out[:, 1:].permute(0, 2, 3, 4, 1).flip(-1) * WARP_SCALE  # (x, y, z) = (W, H, D) order
+        warped = F.grid_sample(template.expand(out.shape[0], -1, -1, -1, -1), self.grid.to(out.dtype) + disp,
+                               mode="bilinear", padding_mode="border", align_corners=False)
+        return out[:, :1] + warped
 
 
 class PatchDiscriminator(nn.Module):
@@ -417,10 +442,10 @@ def build_generator(cfg: Config, variant: Variant) -> VAEGenerator:
     m, size = cfg.model, cfg.data.size
     embed = m.clinical_embed_dim if variant.clinical else 0
     encoder = Encoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels, embed,
-                      m.grad_checkpoint)
+                      m.grad_checkpoint, m.encoder_logvar_init)
     decoder = Decoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels,
                       m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint,
-                      m.output_template, m.decoder_norm)
+                      m.output_template, m.decoder_norm, m.template_warp)
     prior = ClinicalPrior(m.latent_dim, m.clinical_embed_dim) if variant.clinical else None
     return VAEGenerator(encoder, decoder, prior)
 
@@ -544,16 +569,25 @@ class VAEGANMethod(GenerativeMethod):
 
         decoders = [self.G.decoder] + ([self.ema.module.decoder] if self.ema is not None else [])
         if decoders[0].template is not None:
-            volume = x.float().mean(0, keepdim=True)
-            if world_size() > 1:
-                torch.distributed.all_reduce(volume)
-                volume /= world_size()
-            for d in decoders:
-                d.template.copy_(volume)
-            return
+            return  # the template is the running mean of the training volumes (_update_template)
         mean = all_reduce_mean(float(x.float().mean()), x.device)
         for d in decoders:
             d.out.bias.fill_(mean)
+
+    @torch.no_grad()
+    def _update_template(self, x: Tensor) -> None:
+        """``model.output_template``: fold the (global) batch into the running mean volume of the decoders."""
+        from benchmark.dist import world_size
+
+        volume = x.float().sum(0, keepdim=True)
+        n = torch.tensor(float(x.shape[0]), device=x.device)
+        if world_size() > 1:
+            torch.distributed.all_reduce(volume)
+            torch.distributed.all_reduce(n)
+        decoders = [self.G.decoder] + ([self.ema.module.decoder] if self.ema is not None else [])
+        for d in decoders:
+            d.template_count += n
+            d.template += (volume / n - d.template) * (n / d.template_count)
 
     def _loss_weights(self, step: int) -> LossConfig:
         """``cfg.loss`` with lambda_KL ramped linearly over ``loss.kl_warmup_volumes`` (volumes seen so far)."""
@@ -578,6 +612,8 @@ class VAEGANMethod(GenerativeMethod):
         policy = self.cfg.data.diffaug_policy
         if step == 0:
             self._init_output_bias(x)
+        if self.G.decoder.template is not None:
+            self._update_template(x)
         weights = self._loss_weights(step)
         if v.adversarial:
             self.D.requires_grad_(False)  # the G step needs gradients w.r.t. x_hat only
