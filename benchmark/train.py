@@ -158,9 +158,23 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def patience_in_validations(patience_volumes: int, cfg: Config) -> int:
+    """Validations that span ``patience_volumes`` volumes at the configured cadence (0 stays 0 = never)."""
+    if patience_volumes <= 0:
+        return 0
+    every = max(1, cfg.train.val_every_volumes // cfg.train.batch_size) * cfg.train.batch_size
+    return max(1, round(patience_volumes / every))  # the cadence is rounded to whole steps too
+
+
 def _make_schedulers(method: GenerativeMethod, cfg: Config) -> dict[str, Any]:
+    """ReduceLROnPlateau per optimizer; its patience (counted in validations by torch) from volumes seen."""
+    patience = patience_in_validations(cfg.train.plateau_patience_volumes, cfg)
+    if patience == 0:
+        return {}
+    # torch drops the LR when num_bad_epochs > patience: patience - 1 validations without improvement + the one
+    # that reaches the configured span.
     return {name: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.train.plateau_factor,
-                                                             patience=cfg.train.plateau_patience)
+                                                             patience=patience - 1)
             for name, opt in method.optimizers.items()}
 
 
@@ -288,5 +302,6 @@ def _after_validation(metrics: dict[str, float], cfg: Config, schedulers: dict[s
         state.bad_validations = 0
     else:
         state.bad_validations += 1
-        if cfg.train.early_stop_patience and state.bad_validations >= cfg.train.early_stop_patience:
+        stop_after = patience_in_validations(cfg.train.early_stop_patience_volumes, cfg)
+        if stop_after and state.bad_validations >= stop_after:
             state.stopped_early = True

@@ -94,7 +94,7 @@ def objective_factory(cfg: Config, parent_run_id: str | None, progress: bool) ->
 
         weights = suggest_weights(trial, cfg)
         tcfg = apply_overrides(cfg, weights)
-        tcfg = replace(tcfg, train=replace(tcfg.train, val_metric="val_fid", early_stop_patience=0))
+        tcfg = replace(tcfg, train=replace(tcfg.train, val_metric="val_fid", early_stop_patience_volumes=0))
         stages = prepare_stages(tcfg, progress=False)
         tracker: Any = NullTracker()
         if parent_run_id:
