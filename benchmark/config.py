@@ -273,7 +273,10 @@ def _quick() -> dict[str, Any]:
         # worse than predicting the mean), and 600 subjects (480 training volumes): at 300 the classifier is at
         # chance (DESIGN §9 "Heads at the quick preset").
         "data.synth_n": 600,
-        "heads.width": 8, "heads.epochs": 12, "heads.lr": 3e-3, "heads.schedule": "cosine", "prior.steps": 3000,
+        # stem_pool off (total stride 16: the last stage is 2^3, not 1^3) and left-right mirroring: 20 epochs reach
+        # test BAC 0.87 / mean ROI R^2 0.59 on 600 subjects (0.70 / 0.40 with the pool, DESIGN §9).
+        "heads.width": 8, "heads.epochs": 20, "heads.lr": 3e-3, "heads.schedule": "cosine", "heads.stem_pool": False,
+        "heads.mirror": True, "prior.steps": 3000,
         "fidnet.width": 8, "fidnet.epochs": 10, "fidnet.batch_size": 16, "fidnet.lr": 2e-3,
         "wgan.z_dim": 64, "wgan.width": 0.25,
         "stylegan.z_dim": 128, "stylegan.w_dim": 128, "stylegan.fmaps": 0.25, "stylegan.mapping_layers": 4,
