@@ -340,23 +340,50 @@ def clinical_predictions(ctx: EvalContext) -> dict[str, np.ndarray]:
 
 
 def _clinical_predictions(ctx: EvalContext) -> dict[str, np.ndarray]:
+    import tempfile
+
+    from benchmark.data.synthetic import measure_roi_ratios
+    from metrics.volumetry import measure_with_synthseg, synthseg_available
+
     n = ctx.cfg.eval.n_prior_vectors
     c = ctx.prior_vectors(n, draw=0)
     labels, ratios, measured = [], [], []
-    from benchmark.data.synthetic import measure_roi_ratios
-
+    # Volumetry outside training (DESIGN §5): the synthetic cohort's known intensity classes, or SynthSeg on real
+    # cohorts when `mri_synthseg` is on PATH (generated volumes are written with the cohort's affine).
+    synthseg = not ctx.bundle.is_synthetic and synthseg_available()
+    tmp = tempfile.TemporaryDirectory(prefix="synthseg-") if synthseg else None
+    paths: list[Path] = []
+    affine = _cohort_affine(ctx) if synthseg else None
     for x, _ in ctx.generate(n, 0, c=c):
         lab, rat = _head_predictions(ctx, x)
         labels.append(lab)
         ratios.append(rat)
         if ctx.bundle.is_synthetic:
             measured.append(np.asarray(measure_roi_ratios(x)))
+        elif tmp is not None:
+            from benchmark.generate import write_nifti
+
+            for v in x:
+                paths.append(write_nifti(v, Path(tmp.name) / "in" / f"gen_{len(paths):05d}.nii.gz", affine))
     raw = np.asarray(ctx.bundle.normalizer.inverse(c))
     out = {"requested_label": raw[:, 6].round().astype(int), "requested_ratios": raw[:, :6],
            "pred_label": np.concatenate(labels), "pred_ratios": np.concatenate(ratios)}
     if measured:
         out["measured_ratios"] = np.concatenate(measured)
+        ctx.notes["note.volume_consistency"] = "measured by the synthetic cohort's intensity classes"
+    elif tmp is not None:
+        with tmp:
+            out["measured_ratios"] = measure_with_synthseg(paths, Path(tmp.name) / "synthseg")
+        ctx.notes["note.volume_consistency"] = "measured by SynthSeg (mri_synthseg)"
     return out
+
+
+def _cohort_affine(ctx: EvalContext) -> np.ndarray:
+    """The voxel-to-world affine of the cohort's first image (every prepared volume shares the cube's spacing)."""
+    import nibabel as nib
+
+    cohort = ctx.bundle.cohort
+    return nib.load(str(cohort.root / cohort.table["image"].iloc[0])).affine
 
 
 @_register("bac")
@@ -385,7 +412,8 @@ def volume_consistency_metric(ctx: EvalContext) -> dict[str, float]:
 
     p = clinical_predictions(ctx)
     if "measured_ratios" not in p:
-        raise MetricUnavailable("volumetric consistency on real data needs SynthSeg (`mri_synthseg` on PATH)")
+        raise MetricUnavailable("volumetric consistency on real data needs SynthSeg: install FreeSurfer >= 7.3 (which "
+                                "ships mri_synthseg) or SynthSeg and put `mri_synthseg` on PATH")
     return {f"volume_{k}": float(v) for k, v in consistency(p["measured_ratios"], p["requested_ratios"]).items()}
 
 

@@ -95,6 +95,7 @@ from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
 STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
 DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
 ACTIVE_UNIT_NATS = 0.01  # a latent dimension is "active" when its batch-mean KL(q || p) exceeds this
+WARP_OUT_GAIN = 0.1  # template_warp: Xavier gain of the output layer (a small random start, not zero)
 WARP_SCALE = 0.1  # template_warp: a unit displacement output moves the template by 0.1 x the half-width
 LOGVAR_RANGE = (-30.0, 4.0)  # float32-safe; the cap stops the log-variance head random-walking (DESIGN §9)
 
@@ -342,6 +343,10 @@ class Decoder(nn.Module):
             # the residual starts at 0 (zero-init last layer): a random residual on top of the template would first
             # be unlearned by shrinking the output weights, which cuts z out of the decoder (posterior collapse)
             nn.init.zeros_(self.out.weight)
+            if template_warp:
+                # a zero output layer passes no gradient upstream: the features never learn to depend on z (the
+                # output weights stayed at ~1e-3 for 250 steps); a small random one starts the warp near identity
+                xavier_init_(self.out, gain=WARP_OUT_GAIN)
 
     def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
         w = None

@@ -68,3 +68,50 @@ with open(vol, "w") as f:
         inputs.append(tmp_path / name)
     ratios = measure_with_synthseg(inputs, tmp_path / "out")
     np.testing.assert_allclose(ratios[:, 0], [0.001, 0.002, 0.003])  # rows mapped back to input order
+
+
+def test_volume_consistency_dispatches_to_synthseg_on_real_cohorts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   stage_cache: Path) -> None:
+    """A non-synthetic cohort: without mri_synthseg the metric says what to install; with a stand-in on PATH it is
+    called once on every generated volume (NIfTI with the cohort's affine) and the metric is computed."""
+    from benchmark.config import resolve
+    from benchmark.data.bundle import DataBundle
+    from benchmark.evaluation import EvalContext, evaluate
+    from benchmark.runner import build_method, prepare_stages
+
+    cfg = resolve("smoke", "train_copy", overrides={"data.cache_dir": str(stage_cache), "eval.n_prior_vectors": 6})
+    stages = prepare_stages(cfg, progress=False)
+    monkeypatch.setattr(DataBundle, "is_synthetic", property(lambda self: False))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+    def score() -> EvalContext:
+        ctx = EvalContext(cfg, build_method(cfg, stages.heads).fit(stages.bundle), stages)
+        ctx.notes["values"] = str(evaluate(ctx, ["volume_consistency"]))
+        return ctx
+
+    ctx = score()
+    assert "mri_synthseg" in ctx.notes["unavailable.volume_consistency"]
+    header = ",".join(["subject", "total intracranial", "csf", *SYNTHSEG_COLUMNS.values()])
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "mri_synthseg"
+    fake.write_text(
+        f"""#!{sys.executable}
+import os, sys, random
+a = sys.argv
+i, vol = a[a.index("--i") + 1], a[a.index("--vol") + 1]
+names = sorted(os.listdir(i))
+open({str(calls)!r}, "a").write(str(len(names)) + "\\n")
+with open(vol, "w") as f:
+    f.write("{header}\\n")
+    for name in names:
+        f.write(",".join([name.replace(".nii.gz", ""), "1000", "0"] + [str(random.randint(1, 9)) for _ in range(6)])
+                + "\\n")
+"""
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    ctx = score()
+    assert "unavailable.volume_consistency" not in ctx.notes
+    assert calls.read_text().split() == ["6"]  # one call, every generated volume
+    assert "SynthSeg" in ctx.notes["note.volume_consistency"] and "volume_hippocampus_r" in ctx.notes["values"]
