@@ -106,7 +106,7 @@ def param_table(cfg: Config, size: int | None = None) -> dict[str, dict[str, int
     from dataclasses import replace
 
     from benchmark.catalog import load_all
-    from benchmark.evaluation import count_params
+    from benchmark.evaluation import paper_counts
 
     load_all()
     cfg = replace(cfg, data=replace(cfg.data, size=size or cfg.data.size))
@@ -114,12 +114,7 @@ def param_table(cfg: Config, size: int | None = None) -> dict[str, dict[str, int
     for name, factory in METHODS.items():
         with torch.device("meta"):
             method = factory(replace(cfg, method=name), heads=_MetaHeads())
-        groups = {k: count_params(m) for k, m in method.param_groups().items()}
-        groups["total"] = sum(groups.values())
-        extra = getattr(method, "frozen_param_counts", lambda: {})()
-        for k, v in extra.items():
-            groups[f"frozen_{k}"] = v
-        table[name] = groups
+        table[name] = paper_counts(method)
     return table
 
 

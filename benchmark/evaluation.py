@@ -165,13 +165,21 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def paper_counts(method: Any) -> dict[str, int]:
+    """Parameters per component, and ``total`` counted as paper Tables 2-3 do: the trained generator and
+    discriminator plus the frozen perceptual network (``frozen_perceptual``: EfficientNet-B0's 5.3M for `ours`;
+    DESIGN §6); ``trained`` is the total without it."""
+    groups = {k: count_params(m) for k, m in method.param_groups().items()}
+    frozen = {f"frozen_{k}": v for k, v in getattr(method, "frozen_param_counts", lambda: {})().items()}
+    trained = sum(groups.values())
+    return {**groups, **frozen, "trained": trained, "total": trained + sum(frozen.values())}
+
+
 @_register("params")
 def params_metric(ctx: EvalContext) -> dict[str, float]:
-    """Parameter counts per component (encoder, decoder, prior, discriminator, ...) and their total."""
-    groups = {k: count_params(m) for k, m in ctx.method.param_groups().items()}
-    out = {f"params_{k}": float(v) for k, v in groups.items()}
-    out["params_total"] = float(sum(groups.values()))
-    return out
+    """Parameter counts per component (encoder, decoder, prior, discriminator, frozen perceptual network) and the
+    total in the paper's sense (trained G + D + frozen perceptual network)."""
+    return {f"params_{k}": float(v) for k, v in paper_counts(ctx.method).items()}
 
 
 def _fid(ctx: EvalContext, extractor: str) -> dict[str, float]:
