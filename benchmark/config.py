@@ -292,6 +292,8 @@ def _paper() -> dict[str, Any]:
     return {
         "data.size": 128, "model.width": 1.0, "model.disc_width": 1.0,
         "model.perceptual_backbone": "efficientnet_b0",
+        # paper §2.4 (i): blur / noise / gamma "with fixed probabilities" (values not given: 0.25 each, DESIGN §9)
+        "data.p_blur": 0.25, "data.p_noise": 0.25, "data.p_gamma": 0.25,
         "train.budget_volumes": 2000 * 2051, "train.batch_size": 4, "train.val_every_volumes": 2051,
         "train.checkpoint_every_volumes": 20510, "train.val_metric": "val_fid",
         # paper §2.5: ReduceLROnPlateau patience 50-100 epochs, early stopping patience 500 epochs, validated on FID;

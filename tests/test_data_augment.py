@@ -56,3 +56,23 @@ def test_conventional_transform_runs_on_4d_tensor() -> None:
     y = transform(x)
     assert y.shape == x.shape and not torch.equal(x, y)
     assert torch.equal(conventional_transform(0.0, 0.0, 0.0)(x), x)
+
+
+def test_paper_preset_augments_training_batches_inside_the_brain(stage_cache) -> None:  # noqa: ANN001
+    """`paper` turns blur/noise/gamma on (§2.4 (i)); batches differ from the raw volumes inside the brain only."""
+    from benchmark.config import resolve
+    from benchmark.data.bundle import load_bundle
+    from benchmark.runner import _batch_sources
+
+    paper = resolve("paper")
+    assert min(paper.data.p_blur, paper.data.p_noise, paper.data.p_gamma) > 0
+    cfg = resolve("smoke", overrides={"data.cache_dir": str(stage_cache), "data.p_blur": 1.0, "data.p_noise": 1.0,
+                                      "data.p_gamma": 1.0})
+    bundle = load_bundle(cfg, progress=False)
+    augmented, _ = _batch_sources(cfg, bundle)
+    plain, _ = _batch_sources(resolve("smoke", overrides={"data.cache_dir": str(stage_cache)}), bundle)
+    a, p = augmented.batch(0)["x"], plain.batch(0)["x"]
+    background = (p - p.amin(dim=(1, 2, 3, 4), keepdim=True)).abs() < 1e-4
+    assert background.any() and not torch.equal(a, p)
+    assert torch.equal(a[background], p[background])
+    assert (a - p)[~background].abs().mean() > 1e-3

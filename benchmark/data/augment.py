@@ -15,25 +15,41 @@ import torch
 import torch.nn.functional as F
 
 
-def conventional_transform(p_blur: float, p_noise: float, p_gamma: float):  # noqa: ANN201 - tio.Compose, lazily imported
-    """torchio Compose of RandomBlur, RandomNoise and RandomGamma with the given probabilities.
+def conventional_transform(p_blur: float, p_noise: float, p_gamma: float):  # noqa: ANN201 - a callable
+    """torchio RandomBlur, RandomNoise and RandomGamma with the given probabilities (paper §2.4 (i)).
 
-    Ranges suit volumes z-scored inside the brain: blur SD up to 1 voxel, noise SD up to 0.1 (a tenth of the brain's
-    intensity SD), log-gamma within ±0.3 (torchio applies sign(I)|I|^γ to negative intensities). Returns a callable
-    mapping a [1,S,S,S] tensor to a [1,S,S,S] tensor; torchio seeds from torch's global generator.
+    They act on physical intensity: the volume minus its background value (the z-score of intensity 0, ~ -4.6),
+    so gamma sees non-negative intensities, and only inside the brain: background voxels keep their exact value. Ranges suit volumes z-scored inside
+    the brain: blur SD up to 1 voxel, noise SD up to 0.1 (a tenth of the brain's intensity SD), log-gamma within
+    ±0.3. Returns a callable mapping a [1,S,S,S] tensor to a [1,S,S,S] tensor; torchio seeds from torch's global
+    generator (the training loop seeds it per step).
     """
     import torchio as tio  # ~2 s import (SimpleITK); only training needs it
+
+    from metrics.triplanar import background_value
 
     for name, p in (("p_blur", p_blur), ("p_noise", p_noise), ("p_gamma", p_gamma)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
-    return tio.Compose(
+    compose = tio.Compose(
         [
             tio.RandomBlur(std=(0.0, 1.0), p=p_blur),
             tio.RandomNoise(std=(0.0, 0.1), p=p_noise),
             tio.RandomGamma(log_gamma=(-0.3, 0.3), p=p_gamma),
         ]
     )
+
+    if p_blur == p_noise == p_gamma == 0.0:
+        return lambda x: x
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        bg = background_value(x)
+        out = compose(x - bg)
+        out = (out if isinstance(out, torch.Tensor) else torch.as_tensor(out)) + bg
+        # skull-stripped data: the background stays exactly background (the brain-mask convention)
+        return torch.where((x - bg).abs() > 1e-4 * max(1.0, abs(bg)), out, x)
+
+    return apply
 
 
 def _uniform(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
