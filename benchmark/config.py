@@ -52,7 +52,7 @@ class ModelConfig:
     bottleneck_channels: int = 2
     adv_loss: str = "lsgan"  # "lsgan" (PatchGAN reference code), "bce" (non-saturating) or "hinge"
     aux_on_prior: bool = False  # L_cls/L_reg also on a volume decoded from z ~ p(z|c), not only on x_hat
-    # Decoder output = a learned per-voxel template (set to the first training batch's mean volume) + g(z, c):
+    # Decoder output = a per-voxel template (the running mean of the training volumes seen, a buffer) + g(z, c):
     # a conv decoder needs thousands of steps to draw even the mean brain's edges from its 1/8-resolution input.
     output_template: bool = False
     # Activation normalisation in the decoder stages: "none" (paper) or "instance" (StyleGAN1's AdaIN-style instance
@@ -64,6 +64,9 @@ class ModelConfig:
     # Initial bias of the encoder's log sigma^2 head (0 = paper: posterior noise starts at the prior's, norm ~sqrt(k),
     # ~20x the posterior mean's; the decoder then learns to ignore z before the encoder can carry anything).
     encoder_logvar_init: float = 0.0
+    # Shallow linear paths beside the conv stacks: encoder mu += linear(x average-pooled to 1/8 resolution), decoder
+    # output += upsampled linear(z) at 1/8 resolution (DESIGN §9 "Decoder learning speed").
+    coarse_path: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,8 @@ def _smoke() -> dict[str, Any]:
         "model.width": 0.125, "model.latent_dim": 32, "model.clinical_embed_dim": 16, "model.style_dim": 32,
         "model.disc_width": 0.125, "model.perceptual_backbone": "resnet3d_aux", "model.perceptual_slices": 4,
         "train.budget_volumes": 96, "train.batch_size": 4, "train.val_every_volumes": 48,
-        "train.checkpoint_every_volumes": 48, "train.plateau_patience_volumes": 96, "train.early_stop_patience_volumes": 0,
+        "train.checkpoint_every_volumes": 48, "train.plateau_patience_volumes": 96,
+        "train.early_stop_patience_volumes": 0,
         "heads.width": 4, "heads.epochs": 3, "prior.steps": 300, "prior.hidden": 64,
         "fidnet.width": 4, "fidnet.epochs": 3, "fidnet.batch_size": 8,
         "wgan.z_dim": 32, "wgan.width": 0.125, "wgan.n_critic": 2,
@@ -267,8 +271,10 @@ def _quick() -> dict[str, Any]:
         "model.disc_width": 0.25, "model.perceptual_backbone": "resnet3d_aux",
         # 1000 volumes (~4 epochs): the five Table 2 methods train in ~6 min on 2 cores (bench at 32^3, batch 4:
         # 0.32-0.56 s a step), so that `make run` stays under 15 min with stages and evaluation.
-        "train.budget_volumes": 1000, "train.batch_size": 4, "train.val_every_volumes": 500,
-        "train.checkpoint_every_volumes": 500, "train.plateau_patience_volumes": 1500, "train.early_stop_patience_volumes": 0,
+        # validation (val FID, the learning curves) every 250 volumes: 4 points per run
+        "train.budget_volumes": 1000, "train.batch_size": 4, "train.val_every_volumes": 250,
+        "train.checkpoint_every_volumes": 500, "train.plateau_patience_volumes": 1500,
+        "train.early_stop_patience_volumes": 0,
         # Heads: lr 3e-3 with a cosine schedule, not the paper's constant 1e-4 (12 epochs at 1e-4 leave the regressor
         # worse than predicting the mean), and 600 subjects (480 training volumes): at 300 the classifier is at
         # chance (DESIGN §9 "Heads at the quick preset").

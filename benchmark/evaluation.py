@@ -140,7 +140,9 @@ def _extractor_key(ctx: EvalContext, name: str) -> str:
         return ctx.stages.heads_key
     if name == "medicalnet18":
         return ctx.cfg.eval.medicalnet_weights.replace("/", "_")
-    return str(ctx.stages.fid_info.get("digest", ""))
+    from models.fid_network import FidFeatures
+
+    return f"{ctx.stages.fid_info.get('digest', '')}-{FidFeatures.FEATURES_VERSION}"
 
 
 def _make_extractor(ctx: EvalContext, name: str) -> Any:

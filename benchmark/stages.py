@@ -178,4 +178,6 @@ def get_fid_network(
                     **{f"fidnet_{k}": v for k, v in scores.items()}}
             _atomic_save({"state": net.state_dict(), "info": info}, path)
     net.eval()
-    return FrozenBackboneExtractor(net.backbone, "resnet18"), info
+    from models.fid_network import FidFeatures
+
+    return FrozenBackboneExtractor(FidFeatures(net.backbone), "resnet18"), info

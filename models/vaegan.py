@@ -176,7 +176,8 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
-                 embed_dim: int = 0, grad_checkpoint: bool = False, logvar_init: float = 0.0) -> None:
+                 embed_dim: int = 0, grad_checkpoint: bool = False, logvar_init: float = 0.0,
+                 coarse_path: bool = False) -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -200,6 +201,11 @@ class Encoder(nn.Module):
         xavier_init_(self.logvar)
         with torch.no_grad():
             self.logvar.bias.fill_(logvar_init)
+        # coarse_path: mu also reads the volume average-pooled to 1/8 resolution through one linear layer (DESIGN §9)
+        self.base = size // 8
+        self.coarse = nn.Linear(self.base**3, latent_dim) if coarse_path else None
+        if self.coarse is not None:
+            xavier_init_(self.coarse)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = x
@@ -210,7 +216,10 @@ class Encoder(nn.Module):
             if c is None:
                 raise ValueError("this encoder is conditional: pass c [N, 7]")
             h = torch.cat([h, self.embed(c.to(h.dtype))], dim=1)
-        return self.mu(h), self.logvar(h).clamp(*LOGVAR_RANGE)
+        mu = self.mu(h)
+        if self.coarse is not None:
+            mu = mu + self.coarse(F.adaptive_avg_pool3d(x, self.base).flatten(1).to(mu.dtype))
+        return mu, self.logvar(h).clamp(*LOGVAR_RANGE)
 
 
 class ClinicalPrior(nn.Module):
@@ -299,7 +308,8 @@ class Decoder(nn.Module):
 
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
                  style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False,
-                 output_template: bool = False, norm: str = "none", template_warp: bool = False) -> None:
+                 output_template: bool = False, norm: str = "none", template_warp: bool = False,
+                 coarse_path: bool = False) -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -316,6 +326,12 @@ class Decoder(nn.Module):
             raise ValueError("model.template_warp needs model.output_template")
         self.warp = template_warp
         self.out = nn.Conv3d(chans[0], 4 if template_warp else 1, 1)
+        # coarse_path: a shallow path z -> 1/8-resolution output channels (residual, and displacement with
+        # template_warp), linear in z, added to the conv decoder's output; it learns within tens of steps where the
+        # deep path needs thousands (DESIGN §9)
+        self.coarse = nn.Linear(latent_dim, self.out.out_channels * self.base**3) if coarse_path else None
+        if self.coarse is not None:
+            xavier_init_(self.coarse, gain=WARP_OUT_GAIN)
         # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
         # sqrt(2 fan_in / (fan_in + fan_out)) (x0.09 at paper size): their gain makes the variance 1 / fan_in.
         # The fc bias is the decoder's learned constant input (StyleGAN's "const"), initialised N(0, 1/2) with the
@@ -360,6 +376,9 @@ class Decoder(nn.Module):
             use = self.grad_checkpoint and self.training
             h = _run(stage, use, h, w) if w is not None else _run(stage, use, h)
         out = pointwise_conv(h, self.out)
+        if self.coarse is not None:
+            coarse = self.coarse(z).view(z.shape[0], -1, self.base, self.base, self.base)
+            out = out + F.interpolate(coarse, size=out.shape[2:], mode="trilinear", align_corners=False)
         if self.template is None:
             return out
         template = self.template.to(out.dtype)
@@ -447,10 +466,10 @@ def build_generator(cfg: Config, variant: Variant) -> VAEGenerator:
     m, size = cfg.model, cfg.data.size
     embed = m.clinical_embed_dim if variant.clinical else 0
     encoder = Encoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels, embed,
-                      m.grad_checkpoint, m.encoder_logvar_init)
+                      m.grad_checkpoint, m.encoder_logvar_init, m.coarse_path)
     decoder = Decoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels,
                       m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint,
-                      m.output_template, m.decoder_norm, m.template_warp)
+                      m.output_template, m.decoder_norm, m.template_warp, m.coarse_path)
     prior = ClinicalPrior(m.latent_dim, m.clinical_embed_dim) if variant.clinical else None
     return VAEGenerator(encoder, decoder, prior)
 
@@ -570,7 +589,7 @@ class VAEGANMethod(GenerativeMethod):
         for data in [-4.6, 2.3]. Starting at the data's mean removes that need (the "init the last bias to the
         data mean" recipe). A resumed run (step > 0) never re-initialises.
         """
-        from benchmark.dist import all_reduce_mean, world_size
+        from benchmark.dist import all_reduce_mean
 
         decoders = [self.G.decoder] + ([self.ema.module.decoder] if self.ema is not None else [])
         if decoders[0].template is not None:

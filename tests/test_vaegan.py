@@ -359,3 +359,50 @@ def test_decoder_stage_mixes_before_upsampling_without_changing_the_map(style_di
     x = torch.randn(2, 12, 4, 4, 4)
     w = torch.randn(2, 8) if style_dim else None
     torch.testing.assert_close(stage(x, w), stage.forward_reference(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_output_template_is_the_running_mean_of_training_volumes() -> None:
+    m = _build("vae", **{"model.output_template": True})
+    batches = [_batch(4, 16) for _ in range(3)]
+    for step, b in enumerate(batches):
+        m.training_step(b, step)
+    want = torch.cat([b["x"] for b in batches]).mean(0, keepdim=True)
+    torch.testing.assert_close(m.G.decoder.template, want, atol=1e-5, rtol=1e-5)
+    assert float(m.G.decoder.template_count) == 12.0
+    assert "G.decoder.template" in m.state_dict()  # resumes keep it
+
+
+def test_template_warp_starts_near_the_template_and_is_differentiable() -> None:
+    from models.vaegan import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(16, 0.125, 8, separable=True, bottleneck_channels=2, output_template=True, template_warp=True)
+    with torch.no_grad():
+        dec.template.copy_(torch.randn(1, 1, 16, 16, 16))
+        dec.out.weight.zero_()
+        dec.out.bias.zero_()
+    z = torch.randn(2, 8, requires_grad=True)
+    torch.testing.assert_close(dec(z), dec.template.expand(2, -1, -1, -1, -1), atol=1e-5, rtol=1e-5)
+    nn.init.normal_(dec.out.weight, std=0.1)
+    dec(z).square().mean().backward()
+    assert z.grad is not None and float(z.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="template_warp needs"):
+        Decoder(16, 0.125, 8, separable=True, bottleneck_channels=2, template_warp=True)
+
+
+def test_encoder_logvar_init_sets_the_posterior_noise() -> None:
+    g = build_generator(_cfg("vae", **{"model.encoder_logvar_init": -6.0}), VARIANTS["vae"])
+    assert torch.all(g.encoder.logvar.bias == -6.0)
+
+
+@pytest.mark.parametrize("style_dim", [None, 8])
+def test_decoder_instance_norm_runs_and_normalises(style_dim: int | None) -> None:
+    from models.vaegan import DecoderStage
+
+    torch.manual_seed(0)
+    stage = DecoderStage(12, 6, separable=True, style_dim=style_dim, norm="instance")
+    x = torch.randn(2, 12, 4, 4, 4)
+    w = torch.randn(2, 8) if style_dim else None
+    assert stage(x, w).shape == (2, 6, 8, 8, 8)
+    with pytest.raises(ValueError, match="decoder_norm"):
+        DecoderStage(12, 6, separable=True, style_dim=None, norm="batch")

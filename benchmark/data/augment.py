@@ -19,10 +19,10 @@ def conventional_transform(p_blur: float, p_noise: float, p_gamma: float):  # no
     """torchio RandomBlur, RandomNoise and RandomGamma with the given probabilities (paper §2.4 (i)).
 
     They act on physical intensity: the volume minus its background value (the z-score of intensity 0, ~ -4.6),
-    so gamma sees non-negative intensities, and only inside the brain: background voxels keep their exact value. Ranges suit volumes z-scored inside
-    the brain: blur SD up to 1 voxel, noise SD up to 0.1 (a tenth of the brain's intensity SD), log-gamma within
-    ±0.3. Returns a callable mapping a [1,S,S,S] tensor to a [1,S,S,S] tensor; torchio seeds from torch's global
-    generator (the training loop seeds it per step).
+    so gamma sees non-negative intensities, and only inside the brain: background voxels keep their exact value.
+    Ranges suit volumes z-scored inside the brain: blur SD up to 1 voxel, noise SD up to 0.1 (a tenth of the
+    brain's intensity SD), log-gamma within ±0.3. Returns a callable mapping a [1,S,S,S] tensor to a [1,S,S,S]
+    tensor; torchio seeds from torch's global generator (the training loop seeds it per step).
     """
     import torchio as tio  # ~2 s import (SimpleITK); only training needs it
 
