@@ -140,9 +140,7 @@ def _extractor_key(ctx: EvalContext, name: str) -> str:
         return ctx.stages.heads_key
     if name == "medicalnet18":
         return ctx.cfg.eval.medicalnet_weights.replace("/", "_")
-    from models.fid_network import FidFeatures
-
-    return f"{ctx.stages.fid_info.get('digest', '')}-{FidFeatures.FEATURES_VERSION}"
+    return str(ctx.stages.fid_info.get("digest", ""))
 
 
 def _make_extractor(ctx: EvalContext, name: str) -> Any:

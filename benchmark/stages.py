@@ -98,7 +98,8 @@ def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any =
             history = fit_heads(heads, train, val, epochs=cfg.heads.epochs, batch_size=cfg.heads.batch_size,
                                 lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
                                 seed=cfg.heads.seed, progress=progress, schedule=cfg.heads.schedule,
-                                mirror=cfg.heads.mirror, max_shift=cfg.heads.max_shift)
+                                mirror=cfg.heads.mirror, max_shift=cfg.heads.max_shift,
+                                epochs_reg=cfg.heads.epochs_reg or None)
             test_x, test_c = bundle.tensors("test")
             std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
             test = evaluate_heads(heads, test_x, test_c, std=std)
@@ -178,6 +179,4 @@ def get_fid_network(
                     **{f"fidnet_{k}": v for k, v in scores.items()}}
             _atomic_save({"state": net.state_dict(), "info": info}, path)
     net.eval()
-    from models.fid_network import FidFeatures
-
-    return FrozenBackboneExtractor(FidFeatures(net.backbone), "resnet18"), info
+    return FrozenBackboneExtractor(net.backbone, "resnet18"), info

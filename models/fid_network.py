@@ -68,30 +68,6 @@ class FidNetwork(nn.Module):
         return self.backbone(x)
 
 
-class FidFeatures(nn.Module):
-    """What FID sees: the global-average-pooled last stage (content: anatomy, diagnosis, volumes) concatenated with
-    the spatial standard deviation of the first stage's maps (texture).
-
-    Why the second part: a network trained on AD/CN and ROI ratios becomes invariant to high-frequency damage, so
-    its pooled features miss i.i.d. noise, ghosting and spikes (measured in the validity suite: FID fell as noise
-    rose). Mean-pooled early features average noise out; their spatial SD grows with it. ``FEATURES_VERSION`` keys
-    cached feature statistics, so changing this definition never reuses stale ones.
-    """
-
-    FEATURES_VERSION = "mean4+std1"
-
-    def __init__(self, backbone: MedicalNet18) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: Tensor) -> Tensor:
-        b = self.backbone
-        h = b.maxpool(torch.relu(b.bn1(b.conv1(x))))
-        h1 = b.layer1(h)
-        h4 = b.layer4(b.layer3(b.layer2(h1)))
-        return torch.cat([h4.mean(dim=(2, 3, 4)), h1.flatten(2).std(dim=2)], dim=1)
-
-
 def _resnet_init_(module: nn.Module) -> None:
     """He et al. / torchvision ResNet initialisation: Kaiming-normal convs (fan_out), BN weight 1, bias 0."""
     for m in module.modules():

@@ -349,6 +349,7 @@ def fit_heads(
     weight_decay: float = 0.0,
     mirror: bool = False,
     max_shift: int = 0,
+    epochs_reg: int | None = None,
 ) -> dict[str, object]:
     """Train the classifier and the regressor on real volumes (paper §2.5), each with its own early stopping.
 
@@ -371,6 +372,8 @@ def fit_heads(
             (:func:`benchmark.data.augment.random_mirror`).
         max_shift: translate training volumes by up to this many voxels per axis
             (:func:`benchmark.data.augment.random_shift`; integer shifts, no interpolation).
+        epochs_reg: the regressor's own epoch budget (and cosine length); None = ``epochs``. The classifier stops
+            updating after ``epochs``; both see the same batches, so each head equals a run with its own budget.
     Returns:
         {"history": [per-epoch dicts], "val_bac", "val_mse", "best_epoch_cls", "best_epoch_reg", "epochs_run"};
         val_* are of the returned (best) states.
@@ -390,12 +393,13 @@ def fit_heads(
     history: list[dict[str, float]] = []
     n = x_tr.shape[0]
     steps_per_epoch = max(1, sum(1 for b in torch.arange(n).split(batch_size) if len(b) > 1 or n == 1))
-    scheds = {k: torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(schedule, steps_per_epoch, epochs))
+    budget = {"cls": epochs, "reg": epochs_reg or epochs}
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(schedule, steps_per_epoch, budget[k]))
               for k, opt in opts.items()}
     epoch = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bar = tqdm(range(1, epochs + 1), desc="heads", disable=not progress, leave=False)
+        bar = tqdm(range(1, max(budget.values()) + 1), desc="heads", disable=not progress, leave=False)
         for epoch in bar:
             heads.train()
             perm = torch.randperm(n, generator=gen)
@@ -409,10 +413,10 @@ def fit_heads(
                 xb = augment(xb) if augment is not None else xb
                 loss_cls = F.cross_entropy(heads.logits(xb), label[idx].to(device))
                 loss_reg = F.mse_loss(heads.ratios(xb), cb[:, :N_ROI].to(device, xb.dtype))
-                _step(opts["cls"], nets["cls"], loss_cls, grad_clip)
-                _step(opts["reg"], nets["reg"], loss_reg, grad_clip)
-                for sched in scheds.values():
-                    sched.step()
+                for k, loss in (("cls", loss_cls), ("reg", loss_reg)):
+                    if epoch <= budget[k]:
+                        _step(opts[k], nets[k], loss, grad_clip)
+                        scheds[k].step()
                 sums["cls"] += loss_cls.item()
                 sums["reg"] += loss_reg.item()
             for net in nets.values():
@@ -432,7 +436,7 @@ def fit_heads(
                 if row[f"val_{k}"] < best[k][0]:
                     best[k] = (row[f"val_{k}"], copy.deepcopy(net.state_dict()), epoch)
             bar.set_postfix(val_bac=f"{row['val_bac']:.3f}", val_reg=f"{row['val_reg']:.3f}")
-            if all(epoch - best[k][2] >= patience for k in nets):
+            if all(epoch - best[k][2] >= patience or epoch >= budget[k] for k in nets):
                 break
     for k, net in nets.items():
         net.load_state_dict(best[k][1])

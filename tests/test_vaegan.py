@@ -406,3 +406,18 @@ def test_decoder_instance_norm_runs_and_normalises(style_dim: int | None) -> Non
     assert stage(x, w).shape == (2, 6, 8, 8, 8)
     with pytest.raises(ValueError, match="decoder_norm"):
         DecoderStage(12, 6, separable=True, style_dim=None, norm="batch")
+
+
+def test_coarse_paths_make_mu_read_the_pooled_volume_and_the_output_read_z() -> None:
+    g = build_generator(_cfg("vae", **{"model.coarse_path": True, "model.output_template": True,
+                                       "model.template_warp": True}), VARIANTS["vae"])
+    assert g.encoder.coarse is not None and g.decoder.coarse is not None
+    x = torch.randn(2, 1, 16, 16, 16)
+    mu, _ = g.encoder(x)
+    z = torch.randn(2, mu.shape[1], requires_grad=True)
+    out = g.decoder(z)
+    assert out.shape == (2, 1, 16, 16, 16)
+    grads = torch.autograd.grad(out.sum(), [z, g.decoder.coarse.weight])
+    assert all(float(t.abs().sum()) > 0 for t in grads)
+    plain = build_generator(_cfg("vae"), VARIANTS["vae"])
+    assert plain.encoder.coarse is None and plain.decoder.coarse is None
