@@ -287,8 +287,9 @@ def _quick() -> dict[str, Any]:
         # chance (DESIGN §9 "Heads at the quick preset").
         "data.synth_n": 600,
         # stem_pool off (total stride 16: the last stage is 2^3, not 1^3), left-right mirroring, 20 epochs for the
-        # classifier and 30 for the regressor (each the better on validation; DESIGN §9 "Heads at the quick preset").
-        "heads.width": 8, "heads.epochs": 20, "heads.epochs_reg": 30, "heads.lr": 3e-3, "heads.schedule": "cosine", "heads.stem_pool": False,
+        # classifier and 30 for the regressor (DESIGN §9 "Heads at the quick preset").
+        "heads.width": 8, "heads.epochs": 20, "heads.epochs_reg": 30, "heads.lr": 3e-3, "heads.schedule": "cosine",
+        "heads.stem_pool": False,
         "heads.mirror": True, "prior.steps": 3000,
         "fidnet.width": 8, "fidnet.epochs": 10, "fidnet.batch_size": 16, "fidnet.lr": 2e-3,
         "wgan.z_dim": 64, "wgan.width": 0.25,
