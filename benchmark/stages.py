@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,18 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _load_or_fit(path: Path, module: torch.nn.Module, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Load a stage's weights and info from ``path``, or ``fit()`` the module (returning its info) and save both
+    atomically. Called inside the stage's :func:`seeded` block, so a fit is a pure function of the digest."""
+    if path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(payload["state"])
+        return dict(payload["info"])
+    info = fit()
+    _atomic_save({"state": module.state_dict(), "info": info}, path)
+    return info
+
+
 def stage_path(cfg: Config, kind: str, key: str) -> Path:
     return Path(cfg.data.cache_dir) / "stages" / f"{kind}-{key}.pt"
 
@@ -86,28 +98,25 @@ def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any =
 
     key = heads_digest(cfg, bundle)
     path = stage_path(cfg, "heads", key)
+    def fit() -> dict[str, Any]:
+        train = bundle.tensors("train")
+        val = bundle.tensors("val")
+        history = fit_heads(heads, train, val, epochs=cfg.heads.epochs, batch_size=cfg.heads.batch_size,
+                            lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
+                            seed=cfg.heads.seed, progress=progress, schedule=cfg.heads.schedule,
+                            mirror=cfg.heads.mirror, max_shift=cfg.heads.max_shift,
+                            epochs_reg=cfg.heads.epochs_reg or None)
+        test_x, test_c = bundle.tensors("test")
+        std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
+        test = evaluate_heads(heads, test_x, test_c, std=std)
+        return {"digest": key, "heads_test_bac": float(test["bac"]), "heads_test_mse": float(test["mse"]),
+                "heads_test_roi_r2": float(test["roi_r2"]),
+                "heads_val_bac": float(history.get("val_bac", float("nan"))),
+                "heads_val_mse": float(history.get("val_mse", float("nan")))}
+
     with seeded(cfg.heads.seed):
         heads = build_heads(cfg)
-        if path.is_file():
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            heads.load_state_dict(payload["state"])
-            info = dict(payload["info"])
-        else:
-            train = bundle.tensors("train")
-            val = bundle.tensors("val")
-            history = fit_heads(heads, train, val, epochs=cfg.heads.epochs, batch_size=cfg.heads.batch_size,
-                                lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
-                                seed=cfg.heads.seed, progress=progress, schedule=cfg.heads.schedule,
-                                mirror=cfg.heads.mirror, max_shift=cfg.heads.max_shift,
-                                epochs_reg=cfg.heads.epochs_reg or None)
-            test_x, test_c = bundle.tensors("test")
-            std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
-            test = evaluate_heads(heads, test_x, test_c, std=std)
-            info = {"digest": key, "heads_test_bac": float(test["bac"]), "heads_test_mse": float(test["mse"]),
-                    "heads_test_roi_r2": float(test["roi_r2"]),
-                    "heads_val_bac": float(history.get("val_bac", float("nan"))),
-                    "heads_val_mse": float(history.get("val_mse", float("nan")))}
-            _atomic_save({"state": heads.state_dict(), "info": info}, path)
+        info = _load_or_fit(path, heads, fit)
     return heads.freeze(), info
 
 
@@ -117,18 +126,15 @@ def get_prior(cfg: Config, bundle: DataBundle, progress: bool = True) -> tuple[A
 
     key = prior_digest(cfg, bundle)
     path = stage_path(cfg, "prior", key)
+    def fit() -> dict[str, Any]:
+        c_train = bundle.normalizer.transform(bundle.raw_clinical("train"))
+        fit_prior(ddpm, c_train, steps=cfg.prior.steps, batch_size=cfg.prior.batch_size, lr=cfg.prior.lr,
+                  grad_clip=cfg.prior.grad_clip, seed=cfg.prior.seed, progress=progress)
+        return {"digest": key}
+
     with seeded(cfg.prior.seed):
         ddpm = ClinicalDDPM(timesteps=cfg.prior.timesteps, hidden=cfg.prior.hidden)
-        if path.is_file():
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            ddpm.load_state_dict(payload["state"])
-            info = dict(payload["info"])
-        else:
-            c_train = bundle.normalizer.transform(bundle.raw_clinical("train"))
-            fit_prior(ddpm, c_train, steps=cfg.prior.steps, batch_size=cfg.prior.batch_size, lr=cfg.prior.lr,
-                      grad_clip=cfg.prior.grad_clip, seed=cfg.prior.seed, progress=progress)
-            info = {"digest": key}
-            _atomic_save({"state": ddpm.state_dict(), "info": info}, path)
+        info = _load_or_fit(path, ddpm, fit)
     ddpm.eval()
     for p in ddpm.parameters():
         p.requires_grad_(False)
@@ -160,23 +166,20 @@ def get_fid_network(
     f = cfg.fidnet
     key = fidnet_digest(cfg, bundle)
     path = stage_path(cfg, "fidnet", key)
+    def fit() -> dict[str, Any]:
+        train = bundle.tensors("train")
+        fit_fid_network(net, train, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
+                        weight_decay=f.weight_decay, w_cls=f.w_cls, w_reg=f.w_reg, w_ssl=f.w_ssl,
+                        temperature=f.temperature, seed=f.seed, progress=progress)
+        parts = {part: bundle.tensors(part) for part in ("val", "test")}
+        feats = {part: extract_features(net.backbone, x) for part, (x, _) in parts.items()}
+        scores = linear_probe_scores(extract_features(net.backbone, train[0]), train[1],
+                                     {part: (feats[part], parts[part][1]) for part in parts})
+        return {"digest": key, "fidnet_feature_dim": float(net.backbone.num_features),
+                **{f"fidnet_{k}": v for k, v in scores.items()}}
+
     with seeded(f.seed):
         net = build_fid_network(cfg)
-        if path.is_file():
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(payload["state"])
-            info = dict(payload["info"])
-        else:
-            train = bundle.tensors("train")
-            fit_fid_network(net, train, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
-                            weight_decay=f.weight_decay, w_cls=f.w_cls, w_reg=f.w_reg, w_ssl=f.w_ssl,
-                            temperature=f.temperature, seed=f.seed, progress=progress)
-            parts = {part: bundle.tensors(part) for part in ("val", "test")}
-            feats = {part: extract_features(net.backbone, x) for part, (x, _) in parts.items()}
-            scores = linear_probe_scores(extract_features(net.backbone, train[0]), train[1],
-                                         {part: (feats[part], parts[part][1]) for part in parts})
-            info = {"digest": key, "fidnet_feature_dim": float(net.backbone.num_features),
-                    **{f"fidnet_{k}": v for k, v in scores.items()}}
-            _atomic_save({"state": net.state_dict(), "info": info}, path)
+        info = _load_or_fit(path, net, fit)
     net.eval()
     return FrozenBackboneExtractor(net.backbone, "resnet18"), info
