@@ -238,7 +238,7 @@ def nearest_samples(ctx: EvalContext, extractor: str | None = None) -> Tensor:
     def make() -> Tensor:
         ext = ctx.extractor_for(name)
         x, _ = ctx.test()
-        feats_real = torch.cat([ext(xb.to(ctx.device)).double().cpu() for xb in x.split(ctx.cfg.eval.batch_size)])
+        feats_real = features(ctx, x, name)
         best_d = torch.full((len(x),), math.inf, dtype=torch.float64)
         best = torch.empty_like(x)
         n = max(ctx.cfg.eval.n_generated, len(x))
@@ -425,9 +425,11 @@ def volume_consistency_metric(ctx: EvalContext) -> dict[str, float]:
     return {f"volume_{k}": float(v) for k, v in consistency(p["measured_ratios"], p["requested_ratios"]).items()}
 
 
-def _features(ctx: EvalContext, x: Tensor) -> Tensor:
+def features(ctx: EvalContext, x: Tensor, extractor: str | None = None) -> Tensor:
+    """Features [N, F] (float64, CPU) of volumes ``x`` under ``extractor`` (default ``eval.fid_extractor``)."""
+    ext = ctx.extractor_for(extractor or ctx.cfg.eval.fid_extractor)
     with torch.no_grad():
-        return torch.cat([ctx.extractor(xb.to(ctx.device)).double().cpu() for xb in x.split(ctx.cfg.eval.batch_size)])
+        return torch.cat([ext(xb.to(ctx.device)).double().cpu() for xb in x.split(ctx.cfg.eval.batch_size)])
 
 
 def memorization(ctx: EvalContext) -> dict[str, Any]:
@@ -440,7 +442,7 @@ def memorization(ctx: EvalContext) -> dict[str, Any]:
         train, _ = ctx.bundle.tensors("train")
         test, _ = ctx.test()
         val, _ = ctx.bundle.tensors("val")
-        f_gen, f_train, f_test, f_val = (_features(ctx, v) for v in (gen, train, test, val))
+        f_gen, f_train, f_test, f_val = (features(ctx, v) for v in (gen, train, test, val))
         k = min(ctx.cfg.utility.memo_ssim_n, len(gen))
         return {"ratios": nn_ratio(f_gen, f_train, f_test), "reference": nn_ratio(f_val, f_train, f_test),
                 "ratios_ssim": nn_ratio_ssim(gen[:k], train, test, n=ctx.cfg.eval.n_slices),

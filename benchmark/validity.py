@@ -183,9 +183,9 @@ class _Scorer:
         self._feats: dict[str, Tensor] = {}
 
     def features(self, extractor: str, x: Tensor) -> Tensor:
-        ext = self.ctx.extractor_for(extractor)
-        with torch.no_grad():
-            return torch.cat([ext(b).double().cpu() for b in x.split(self.cfg.eval.batch_size)])
+        from benchmark.evaluation import features
+
+        return features(self.ctx, x, extractor)
 
     def _cached(self, key: str, extractor: str, x: Tensor) -> Tensor:
         if key not in self._feats:
