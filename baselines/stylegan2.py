@@ -29,7 +29,11 @@ Choices where 2-D StyleGAN2 does not carry over or the papers are silent:
   8x fewer voxels in the conv, which matters on CPU.
 - Every modulated layer (toRGB included) gets its own w index, so num_ws = 3 * blocks - 1 (2-D StyleGAN2 lets a
   toRGB share the next conv's w); style mixing cuts over that list.
-- Minibatch std: when N is not a multiple of 4, the largest group size <= 4 that divides N.
+- Minibatch std: when N is not a multiple of 4, the largest group size <= 4 that divides N. Groups form within a
+  rank's batch (StyleGAN2-ADA's per-GPU groups), the one way a k-process run differs from a one-process run.
+- Randomness from the harness (models/base.py), so k processes and resumed runs replay one process: latents, noise
+  inputs and the path-length projection per sample (the large ones drawn on the device), the style-mixing coin and
+  cutoff one per global batch; the path-length running mean takes every rank's lengths.
 - Widths: C(r) = fmaps * min(2048 / r, 128) channels (128 up to 16^3, 64 at 32^3, 32 at 64^3, 16 at 128^3), from
   Table 3's 7M: at 128^3, fmaps 1, z = w = 256, that is G 3.56M (mapping 0.53M + synthesis 3.04M) + D 3.74M =
   7.31M parameters.
@@ -48,9 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.config import Config
-from benchmark.dist import world_size
+from benchmark.dist import global_mean, world_size
 from benchmark.registry import METHODS
-from models.base import GenerativeMethod
+from models.base import LOSS_ADV_G, LOSS_D, GenerativeMethod, frozen
 from models.blocks import modulated_conv3d
 
 _CHANNEL_BASE = 2048
@@ -150,12 +154,16 @@ class ModulatedLayer(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
         return modulated_conv3d(x, self.weight, styles, demodulate=self.demodulate, padding=self.weight.shape[-1] // 2)
 
-    def forward(self, x: Tensor, w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, w: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """x [N, Cin, r^3], w [N, w_dim] -> [N, Cout, r'^3]; ``noise`` [N, 1, r'^3] given, else from ``generator``."""
         x = self.modulated_conv(x, w)
         if self.noise_strength is not None:
             n, _, d, h, wd = x.shape
-            noise = torch.randn((n, 1, d, h, wd), generator=generator, device=x.device, dtype=x.dtype)
-            x = x + noise * self.noise_strength.view(1, -1, 1, 1, 1).to(x.dtype)
+            if noise is None:
+                noise = torch.randn((n, 1, d, h, wd), generator=generator, device=x.device, dtype=x.dtype)
+            x = x + noise.to(x.dtype) * self.noise_strength.view(1, -1, 1, 1, 1).to(x.dtype)
         return _act(x + self.bias.view(1, -1, 1, 1, 1).to(x.dtype), self.activation)
 
 
@@ -201,14 +209,22 @@ class SynthesisNetwork(nn.Module):
             res, cin = 2 * res, cout
         self.num_ws = sum(len(b) for b in self.convs) + len(self.to_rgbs)
 
-    def forward(self, ws: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def noise_shapes(self) -> list[tuple[int, int, int, int]]:
+        """The per-sample shape (1, r, r, r) of each layer's noise input, in the order ``forward`` takes them."""
+        return [(1, 4 * 2**i, 4 * 2**i, 4 * 2**i) for i, block in enumerate(self.convs) for _ in block]
+
+    def forward(
+        self, ws: Tensor, generator: torch.Generator | None = None, noise: list[Tensor] | None = None
+    ) -> Tensor:
+        """``noise``: one [N, *shape] per :meth:`noise_shapes` entry; without it drawn from ``generator``."""
         x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1, -1)
         img: Tensor | None = None
-        i = 0
+        i = j = 0
         for block, to_rgb in zip(self.convs, self.to_rgbs, strict=True):
             for layer in block:
-                x = layer(x, ws[:, i], generator)
+                x = layer(x, ws[:, i], generator, None if noise is None else noise[j])
                 i += 1
+                j += 1
             y = to_rgb(x, ws[:, i])
             i += 1
             img = y if img is None else F.interpolate(img, scale_factor=2, mode="trilinear", align_corners=False) + y
@@ -228,18 +244,22 @@ class StyleGenerator(nn.Module):
     def forward(
         self,
         z: Tensor,
-        mixing_prob: float = 0.0,
         generator: torch.Generator | None = None,
         return_ws: bool = False,
+        mix: tuple[int, Tensor] | None = None,
+        noise: list[Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        """Volumes from z; ``mix`` = (cutoff, z2): style mixing, z2 [N, z_dim] drives the layers from ``cutoff`` on.
+
+        The noise inputs are ``noise`` (see :meth:`SynthesisNetwork.noise_shapes`) or drawn from ``generator``.
+        """
         num_ws = self.synthesis.num_ws
         ws = self.mapping(z).unsqueeze(1).expand(-1, num_ws, -1)
-        if mixing_prob > 0 and num_ws > 1 and float(torch.rand(())) < mixing_prob:
-            # Style mixing regularisation: a second latent drives the layers from a random cutoff on.
-            cutoff = int(torch.randint(1, num_ws, ()))
-            ws2 = self.mapping(torch.randn_like(z)).unsqueeze(1).expand(-1, num_ws, -1)
+        if mix is not None:
+            cutoff, z2 = mix
+            ws2 = self.mapping(z2).unsqueeze(1).expand(-1, num_ws, -1)
             ws = torch.cat([ws[:, :cutoff], ws2[:, cutoff:]], dim=1)
-        img = self.synthesis(ws, generator)
+        img = self.synthesis(ws, generator, noise)
         return (img, ws) if return_ws else img
 
 
@@ -314,7 +334,12 @@ def r1_penalty(D: Callable[[Tensor], Tensor], real: Tensor, gamma: float = 10.0)
 
 
 def path_length_penalty(
-    images: Tensor, ws: Tensor, pl_mean: Tensor, decay: float = 0.01, generator: torch.Generator | None = None
+    images: Tensor,
+    ws: Tensor,
+    pl_mean: Tensor,
+    decay: float = 0.01,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """StyleGAN2's path-length regulariser (Karras et al. 2020, Eq. 4), not yet multiplied by its weight.
 
@@ -324,15 +349,18 @@ def path_length_penalty(
         pl_mean: scalar running mean a of the path lengths.
         decay: the running mean's update rate.
         generator: RNG for the random projection y ~ N(0, I) / sqrt(D*H*W).
+        noise: the N(0, I) draws [N, C, D, H, W] given directly (the method draws them per global batch).
     Returns:
         (penalty, new_pl_mean): the scalar mean over samples of (||J_w^T y|| - a)^2, with a updated from this batch
-        first, as in StyleGAN2; and the updated a, detached, for the caller to store.
+        first, as in StyleGAN2 (the batch: every rank's samples); and the updated a, detached, for the caller to store.
     """
-    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-    noise = noise / math.sqrt(images[0, 0].numel())
+    if noise is None:
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    noise = noise.to(images.dtype) / math.sqrt(images[0, 0].numel())
     (grads,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
     lengths = _upcast(grads).square().sum(dim=2).mean(dim=1).sqrt()
-    mean = pl_mean.to(lengths.dtype).lerp(lengths.mean(), decay)
+    # The batch's mean length over every rank's samples, so that k processes keep the one-process running mean.
+    mean = pl_mean.to(lengths.dtype).lerp(global_mean(lengths), decay)
     return (lengths - mean).square().mean(), mean.detach()
 
 
@@ -384,25 +412,37 @@ class StyleGAN2(GenerativeMethod):
             )
         return opts
 
-    def _augment(self, x: Tensor) -> Tensor:
-        """DiffAugment (Zhao et al. 2020) with the suite's policy, as every method's discriminator sees it."""
-        policy = self.cfg.data.diffaug_policy
-        if not policy:
-            return x
-        from benchmark.data.augment import diff_augment  # lazy: the augmentation module is optional here
+    def _generate(self, kind: str, n: int, step: int, device: torch.device, return_ws: bool = False
+                  ) -> Tensor | tuple[Tensor, Tensor]:
+        """``n`` volumes from G, this rank's share of the global batch, style mixing included; draws named ``kind_*``.
 
-        return diff_augment(x, policy)
+        Latents and noise inputs are per sample (``batch_noise``); the mixing coin and cutoff are one per global
+        batch (``step_noise``, the same on every rank), as a one-process run takes them.
+        """
+        s = self.cfg.stylegan
+        num_ws = self.G.synthesis.num_ws
+        z = self.batch_noise(f"{kind}_z", n, (s.z_dim,), step, device)
+        coin, where = self.step_noise(f"{kind}_mix", (2,), step, torch.device("cpu"), uniform=True).tolist()
+        mix = None
+        if num_ws > 1 and coin < self.STYLE_MIXING_PROB:
+            # Style mixing regularisation: a second latent drives the layers from a cutoff ~ U{1, ..., num_ws - 1} on.
+            cutoff = 1 + min(int(where * (num_ws - 1)), num_ws - 2)
+            mix = (cutoff, self.batch_noise(f"{kind}_z2", n, (s.z_dim,), step, device))
+        noise = [self.batch_noise(f"{kind}_noise{i}", n, shape, step, device, on_device=True)
+                 for i, shape in enumerate(self.G.synthesis.noise_shapes())]
+        return self.G(z, return_ws=return_ws, mix=mix, noise=noise)
 
-    def _d(self, x: Tensor) -> Tensor:
-        return self.D(self._augment(x)).float()
+    def _d(self, x: Tensor, kind: str, step: int) -> Tensor:
+        """D's logits [N, 1] (float32) on x after DiffAugment with the suite's policy, as every D input gets it."""
+        return self.D(self.augment(x, kind, step)).float()
 
-    def _pl_loss(self, n: int, device: torch.device) -> Tensor:
+    def _pl_loss(self, n: int, step: int, device: torch.device) -> Tensor:
         s = self.cfg.stylegan
         m = max(1, n // self.PL_BATCH_SHRINK)
-        z = torch.randn(m, s.z_dim, device=device)
         with self.autocast():
-            images, ws = self.G(z, mixing_prob=self.STYLE_MIXING_PROB, return_ws=True)
-        penalty, pl_mean = path_length_penalty(images.float(), ws, self.pl_mean, s.pl_decay)
+            images, ws = self._generate("pl", m, step, device, return_ws=True)
+        y = self.batch_noise("pl_proj", m, tuple(images.shape[1:]), step, device, on_device=True)
+        penalty, pl_mean = path_length_penalty(images.float(), ws, self.pl_mean, s.pl_decay, noise=y)
         self.pl_mean.copy_(pl_mean)
         return penalty * s.pl_weight
 
@@ -422,7 +462,8 @@ class StyleGAN2(GenerativeMethod):
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         """G main (+ path length), then D main (+ R1) on ``batch["x"]`` [N,1,S,S,S]; one update of each network.
 
-        ``step`` is not used: the lazy-regularisation phases come from the ``g_steps``/``d_steps`` buffers.
+        ``step`` seeds every draw (with ``train.seed``); the lazy-regularisation phases come from the
+        ``g_steps``/``d_steps`` buffers.
         """
         s = self.cfg.stylegan
         real = batch["x"]
@@ -436,39 +477,34 @@ class StyleGAN2(GenerativeMethod):
         logs: dict[str, float] = {}
 
         # Generator: non-saturating loss; the discriminator's parameter gradients are not needed.
-        self.D.requires_grad_(False)
-        try:
-            z = torch.randn(n, s.z_dim, device=device)
+        with frozen(self.D):
             with self.autocast():
-                loss_g = F.softplus(-self._d(self.G(z, mixing_prob=self.STYLE_MIXING_PROB))).mean()
-            logs["loss_G"] = float(loss_g.detach())
+                loss_g = F.softplus(-self._d(self._generate("g", n, step, device), "g_aug", step)).mean()
+            logs[LOSS_ADV_G] = float(loss_g.detach())
             if do_pl and not lazy:
-                pl = self._pl_loss(n, device)
+                pl = self._pl_loss(n, step, device)
                 loss_g = loss_g + pl
                 logs["pl"] = float(pl.detach())
             self.optimize("G", loss_g)
             if do_pl and lazy:
-                pl = self._pl_loss(n, device)
+                pl = self._pl_loss(n, step, device)
                 self.optimize("G", pl * pl_interval)
                 logs["pl"] = float(pl.detach())
-        finally:
-            self.D.requires_grad_(True)
         self.g_steps += 1
 
         # Discriminator: logistic loss on fresh fakes and the real batch (separate calls: minibatch std mixes samples).
-        z = torch.randn(n, s.z_dim, device=device)
         with torch.no_grad(), self.autocast():
-            fake = self.G(z, mixing_prob=self.STYLE_MIXING_PROB).float()
+            fake = self._generate("d", n, step, device).float()
         with self.autocast():
-            logits_fake, logits_real = self._d(fake), self._d(real)
+            logits_fake, logits_real = self._d(fake, "d_aug_fake", step), self._d(real, "d_aug_real", step)
             loss_d = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
-            logs.update(
-                loss_D=float(loss_d.detach()),
-                score_real=float(logits_real.detach().mean()),
-                score_fake=float(logits_fake.detach().mean()),
-            )
+            logs.update({
+                LOSS_D: float(loss_d.detach()),
+                "score_real": float(logits_real.detach().mean()),
+                "score_fake": float(logits_fake.detach().mean()),
+            })
             if do_r1:
-                r1 = r1_penalty(self._d, real, s.r1_gamma)
+                r1 = r1_penalty(lambda x: self._d(x, "r1_aug", step), real, s.r1_gamma)
                 logs["r1"] = float(r1.detach())
         if do_r1 and not lazy:
             loss_d = loss_d + r1

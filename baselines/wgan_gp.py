@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from benchmark.config import Config
 from benchmark.dist import SyncBatchNorm3d
 from benchmark.registry import METHODS
-from models.base import GenerativeMethod
+from models.base import LOSS_ADV_G, LOSS_D, GenerativeMethod, frozen
 
 # C(r) = width * _CHANNEL_BASE / r: 512 channels at 4^3 for width 1 (DCGAN's 4x4 stage width).
 _CHANNEL_BASE = 2048
@@ -159,15 +159,6 @@ class WGANGP(GenerativeMethod):
             "D": torch.optim.Adam(self.D.parameters(), lr=w.lr, betas=(w.beta1, w.beta2)),
         }
 
-    def _augment(self, x: Tensor) -> Tensor:
-        """DiffAugment (Zhao et al. 2020) with the suite's policy, as every method's discriminator sees it."""
-        policy = self.cfg.data.diffaug_policy
-        if not policy:
-            return x
-        from benchmark.data.augment import diff_augment  # lazy: the augmentation module is optional here
-
-        return diff_augment(x, policy)
-
     @torch.no_grad()
     def _init_output_bias(self, real: Tensor) -> None:
         """Data-dependent init of the last layer's bias to the data's mean intensity (all ranks), on the first call.
@@ -194,7 +185,7 @@ class WGANGP(GenerativeMethod):
         with torch.no_grad(), self.autocast():
             fake = self.G(z)
         with self.autocast():
-            real_aug, fake_aug = self._augment(real), self._augment(fake.float())
+            real_aug, fake_aug = self.augment(real, "aug_real", call), self.augment(fake.float(), "aug_fake", call)
             # One forward for both: the critic has no batch statistics, so this equals two separate calls.
             scores = self.D(torch.cat([real_aug, fake_aug])).float()
             score_real, score_fake = scores[:n].mean(), scores[n:].mean()
@@ -204,20 +195,17 @@ class WGANGP(GenerativeMethod):
         self.optimize("D", loss_d)
         self.critic_updates += 1
         logs = {
-            "loss_D": float(loss_d.detach()),
+            LOSS_D: float(loss_d.detach()),
             "wasserstein": float((score_real - score_fake).detach()),
             "gp": float(gp.detach()),
         }
         if int(self.critic_updates) % w.n_critic == 0:
-            self.D.requires_grad_(False)  # only the generator's gradients are needed here
-            try:
+            with frozen(self.D):  # only the generator's gradients are needed here
                 z = self.batch_noise("z_generator", n, (w.z_dim,), call, real.device)
                 with self.autocast():
-                    loss_g = -self.D(self._augment(self.G(z))).float().mean()
+                    loss_g = -self.D(self.augment(self.G(z), "aug_g", call)).float().mean()
                 self.optimize("G", loss_g)
-            finally:
-                self.D.requires_grad_(True)
-            logs["loss_G"] = float(loss_g.detach())
+            logs[LOSS_ADV_G] = float(loss_g.detach())
         return logs
 
     @torch.no_grad()

@@ -7,13 +7,44 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from benchmark.config import PRESET_OVERRIDES, Config, ConfigError, digest, parse_set, resolve, to_json
+from benchmark.errors import UsageError, check_writable_dir
+
+__all__ = ["UsageError", "build_parser", "main"]
 
 
-class UsageError(ValueError):
-    """Bad input detected by a command (one line on stderr, exit code 2)."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's convention for user errors: one line on stderr, exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
 
 
 def _config_args(p: argparse.ArgumentParser, method: bool = True) -> None:
@@ -26,19 +57,36 @@ def _config_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.budget_volumes=200")
     p.add_argument("--config", type=Path, default=None, help="JSON file of dotted keys (e.g. the best tuning trial)")
-    p.add_argument("--seed", type=int, default=None, help="shorthand for --set train.seed=N")
+    p.add_argument("--seed", type=int_at_least(0), default=None, help="shorthand for --set train.seed=N")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and its digest, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def config_from_args(args: argparse.Namespace, default_preset: str = "smoke") -> Config:
+def config_from_args(args: argparse.Namespace, default_preset: str = "smoke",
+                     methods: Sequence[str] | None = None) -> Config:
+    """The resolved, validated config; ``methods`` must all take ``data.size`` (default: the config's method)."""
     overrides = parse_set(args.overrides)
     if getattr(args, "data", None):
         overrides["data.path"] = str(Path(args.data).resolve())
     if getattr(args, "seed", None) is not None:
         overrides["train.seed"] = args.seed
     method = getattr(args, "method", None)
-    return resolve(args.preset or default_preset, method=method, overrides=overrides, config_file=args.config)
+    return resolve(args.preset or default_preset, method=method, overrides=overrides, config_file=args.config,
+                   methods=methods)
+
+
+def _check_outputs(cfg: Config, *folders: tuple[str, Path]) -> None:
+    """Before any work: the stage cache and the command's output folders can be written (one line if not)."""
+    check_writable_dir(Path(cfg.data.cache_dir), "data.cache_dir")
+    for what, folder in folders:
+        check_writable_dir(folder, what)
+
+
+def _check_store(track: bool = True) -> None:
+    if track:
+        from benchmark.tracking import check_store
+
+        check_store()
 
 
 def _dry_run(cfg: Config) -> int:
@@ -64,6 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(cfg)
     from benchmark import commands
+    from benchmark.runner import default_run_dir
+
+    _check_outputs(cfg, ("--run-dir", args.run_dir or default_run_dir(cfg)))
+    _check_store(not args.no_track)
 
     result = commands.train_command(cfg, resume=args.resume, progress=not args.no_progress, track=not args.no_track,
                                   run_dir=args.run_dir, stop_after_volumes=args.stop_after_volumes)
@@ -72,11 +124,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, default_preset="quick")
-    if args.dry_run:
-        return _dry_run(cfg)
+    from benchmark.config import check_size
+
+    cfg = config_from_args(args, default_preset="quick", methods=())  # field errors first, before heavy imports
     from benchmark import suites
 
+    check_size(cfg.data.size, suites.suite_methods(args.suite))  # every row of the suite must take data.size
+    if args.dry_run:
+        return _dry_run(cfg)
+    from benchmark.runner import RUNS_DIR
+
+    _check_outputs(cfg, ("runs folder", RUNS_DIR))
+    _check_store()
     return suites.run_suite(args.suite, cfg, seeds=args.seeds, progress=not args.no_progress,
                             fresh=args.fresh)
 
@@ -85,6 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from benchmark import commands
 
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    _check_store(args.run_id is not None)
     result = commands.evaluate_command(run_id=args.run_id, checkpoint=args.checkpoint, metrics=metrics,
                                      overrides=parse_set(args.overrides), progress=not args.no_progress)
     print(json.dumps(result, indent=2, sort_keys=True))
@@ -100,12 +160,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from benchmark import report
 
+    _check_store()
+
     print(report.report_command(args.suite, args.format, run_id=args.run_id))
     return 0
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, methods=())  # every method is counted: param_table checks the size for each
     from benchmark import commands
 
     table = commands.param_table(cfg, size=args.size)
@@ -119,7 +181,11 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmark.config import check_size
+
     cfg = config_from_args(args)
+    if args.size is not None:
+        check_size(args.size, (cfg.method,), key="--size")
     from benchmark import bench
 
     result = bench.bench_command(cfg, what=args.what, size=args.size, batch=args.batch, repeats=args.repeats)
@@ -132,12 +198,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(cfg)
     from benchmark import tuning
+    from benchmark.runner import RUNS_DIR
+
+    _check_outputs(cfg, ("runs folder", RUNS_DIR))
+    tuning.open_storage(args.storage or tuning.default_storage())
+    _check_store()
 
     return tuning.tune_command(cfg, trials=args.trials, study=args.study, storage=args.storage, workers=args.workers,
                                timeout=args.timeout, progress=not args.no_progress)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    check_writable_dir(Path(args.out), "--out")
     if args.data_cmd == "synth":
         from benchmark.data.synthetic import synthesize_cohort
 
@@ -155,7 +227,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
+    parser = _Parser(prog="python -m benchmark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered methods, metrics, suites and presets")
@@ -166,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--run-dir", type=Path, default=None, help="where checkpoints go (default runs/<method>-<digest>)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    p.add_argument("--stop-after-volumes", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-volumes", type=int_at_least(1), default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run a suite (train + evaluate every method, log to MLflow, print tables)")
     p.add_argument("--suite", required=True)
     _config_args(p, method=False)
-    p.add_argument("--seeds", type=int, default=1, help="independent trainings per method")
+    p.add_argument("--seeds", type=int_at_least(1), default=1, help="independent trainings per method")
     p.add_argument("--fresh", action="store_true", help="retrain even when finished child runs exist")
     p.set_defaults(func=cmd_run)
 
@@ -199,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="parameter counts per component of every method")
     _config_args(p, method=False)
-    p.add_argument("--size", type=int, default=None, help="volume size (default: the preset's)")
+    p.add_argument("--size", type=int_at_least(8), default=None, help="volume size (default: the preset's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_params)
 
@@ -207,37 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--what", default="train", choices=["train", "generate", "prior", "metrics", "depthwise",
                                                        "synth"])
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", type=int_at_least(8), default=None)
+    p.add_argument("--batch", type=int_at_least(1), default=None)
+    p.add_argument("--repeats", type=int_at_least(1), default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="Optuna study over the loss weights")
     _config_args(p)
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=int_at_least(1), default=20)
     p.add_argument("--study", default=None)
     p.add_argument("--storage", default=None, help="journal file path or an RDB URL (postgresql://...)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--workers", type=int_at_least(1), default=1)
+    p.add_argument("--timeout", type=_positive_float, default=None, help="seconds")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("data", help="the synthetic cohort, or preparation of a real one")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     q = dsub.add_parser("synth", help="write the embedded synthetic cohort")
     q.add_argument("--out", required=True)
-    q.add_argument("--n", type=int, default=400)
-    q.add_argument("--size", type=int, default=64)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--n", type=int_at_least(1), default=400)
+    q.add_argument("--size", type=int_at_least(8), default=64)  # the synthetic template's smallest size
+    q.add_argument("--seed", type=int_at_least(0), default=0)
+    q.add_argument("--workers", type=int_at_least(1), default=2)
     q.add_argument("--no-progress", action="store_true")
     q = dsub.add_parser("prepare", help="preprocess an ADNI-style cohort (RAS, crop, B-spline resample, z-score)")
     q.add_argument("--csv", required=True)
     q.add_argument("--images", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--size", type=int_at_least(8), default=128)
     q.add_argument("--mask-dir", default=None)
-    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--workers", type=int_at_least(1), default=2)
     q.add_argument("--skip-bad", action="store_true", help="drop and report bad rows instead of stopping")
     q.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_data)
@@ -245,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """The anticipated failures (benchmark/errors.py); anything else is a bug and keeps its traceback."""
     from benchmark.registry import UnknownEntry
 
     errors: list[type[BaseException]] = [ConfigError, UsageError, UnknownEntry]

@@ -6,6 +6,7 @@ selection, resume bookkeeping, stage-only training, re-scoring saved runs, param
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from benchmark import dist
 from benchmark.config import Config, flatten
 from benchmark.data.bundle import load_bundle
 from benchmark.registry import METHODS
-from benchmark.runner import default_run_dir, load_trained, prepare_stages, run_method
+from benchmark.runner import MetaHeads, default_run_dir, folder_lock, load_trained, prepare_stages, run_method
 from benchmark.tracking import MlflowTracker, NullTracker, Tracker
 
 
@@ -69,19 +70,23 @@ def train_command(cfg: Config, *, resume: bool, progress: bool, track: bool, run
     METHODS.get(cfg.method)  # an unknown method fails before any data is touched
     dist.init_from_env(resolve_device(cfg.train.device))
     run_dir = run_dir or default_run_dir(cfg)
-    if not resume and (run_dir / "checkpoint.pt").exists() and dist.is_main():
-        (run_dir / "checkpoint.pt").unlink()
-        (run_dir / "mlflow_run_id").unlink(missing_ok=True)
-    stages = prepare_stages(cfg, progress=progress and dist.is_main())
-    tracker = open_tracker(cfg, "train", f"{cfg.method}-seed{cfg.train.seed}", run_dir, track)
-    try:
-        result = run_method(cfg, stages, tracker, run_dir=run_dir, resume=resume, progress=progress,
-                            stop_after_volumes=stop_after_volumes)
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
-    finally:
-        dist.shutdown()
+    # The run folder is locked on rank 0 (other ranks write nothing there): a second process on the same folder
+    # waits instead of interleaving its checkpoints with this one's.
+    lock = folder_lock(run_dir, f"{cfg.method}-seed{cfg.train.seed}") if dist.is_main() else contextlib.nullcontext()
+    with lock:
+        if not resume and (run_dir / "checkpoint.pt").exists() and dist.is_main():
+            (run_dir / "checkpoint.pt").unlink()
+            (run_dir / "mlflow_run_id").unlink(missing_ok=True)
+        stages = prepare_stages(cfg, progress=progress and dist.is_main())
+        tracker = open_tracker(cfg, "train", f"{cfg.method}-seed{cfg.train.seed}", run_dir, track)
+        try:
+            result = run_method(cfg, stages, tracker, run_dir=run_dir, resume=resume, progress=progress,
+                                stop_after_volumes=stop_after_volumes)
+        except BaseException:
+            tracker.finish("KILLED")
+            raise
+        finally:
+            dist.shutdown()
     tracker.finish("FINISHED" if result.get("finished") else "RUNNING")
     return {**result, "run_dir": str(run_dir), "run_id": tracker.run_id}
 
@@ -106,23 +111,16 @@ def param_table(cfg: Config, size: int | None = None) -> dict[str, dict[str, int
     from dataclasses import replace
 
     from benchmark.catalog import load_all
+    from benchmark.config import check_size
     from benchmark.evaluation import paper_counts
 
     load_all()
     cfg = replace(cfg, data=replace(cfg.data, size=size or cfg.data.size))
+    check_size(cfg.data.size, list(METHODS), key="--size" if size else "data.size")
     table: dict[str, dict[str, int]] = {}
     for name, factory in METHODS.items():
         with torch.device("meta"):
-            method = factory(replace(cfg, method=name), heads=_MetaHeads())
+            method = factory(replace(cfg, method=name), heads=MetaHeads())
         table[name] = paper_counts(method)
     return table
 
-
-class _MetaHeads:
-    """Stands in for the frozen heads when only counting parameters (they are not part of any generator)."""
-
-    def losses(self, x: Any, c: Any, classifier_maps: Any = None) -> dict[str, Any]:  # pragma: no cover - counting
-        raise RuntimeError("meta heads are for parameter counting only")
-
-    def features(self, x: Any) -> Any:  # pragma: no cover
-        raise RuntimeError("meta heads are for parameter counting only")

@@ -19,51 +19,147 @@ class ConfigError(ValueError):
     """A bad override or config file; the CLI prints the one-line message and exits with code 2."""
 
 
+# --- what every field accepts -------------------------------------------------------------------------------------
+# Each field declares its valid range or choice set next to its default (``_f(default, ge=1)``); :func:`validate`
+# checks them whenever a config is resolved (``--dry-run``, ``--set``, ``--config`` files, tuning trials, saved
+# checkpoints), so a bad value is one line naming the key, the value and what is allowed, before any work starts.
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Valid values of one field: bounds (``ge``/``gt``/``le``/``lt``), a choice set, a comma-separated ``subset`` of
+    names, a regular-expression ``pattern``, or ``text`` (free text such as a path, described for the user)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+    subset: tuple[str, ...] = ()
+    pattern: str = ""
+    text: str = ""
+    nonempty: bool = False
+
+    def allowed(self) -> str:
+        """What the rule accepts, in words (the second half of the error message)."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.subset:
+            return "a comma-separated subset of " + ", ".join(self.subset) + " (or empty)"
+        if self.text:
+            return self.text
+        bounds = [f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                  if v is not None]
+        return " and ".join(bounds) if bounds else "any value of this type"
+
+    def accepts(self, value: Any) -> bool:
+        import math
+        import re
+
+        if isinstance(value, bool):
+            return True
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value):
+                return False
+            return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                        or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+        if self.nonempty and not value:
+            return False
+        if self.choices:
+            return value in self.choices
+        if self.subset:
+            return all(part.strip() in self.subset for part in value.split(",") if part.strip())
+        return not self.pattern or re.fullmatch(self.pattern, value) is not None
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def _f(default: Any, **rule: Any) -> Any:
+    """A field with its default and its :class:`Rule` (dataclass metadata)."""
+    return field(default=default, metadata={"rule": Rule(**rule)})
+
+
+# Validation metrics a training run can watch (methods' validation_losses + the validation FID every run logs).
+VAL_METRICS = ("val_l1", "val_l1_sample", "val_kl", "val_fid")
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The volume sizes S one method's architecture takes (the models raise the same when built; tests/
+    test_bad_inputs.py builds every registered method at S = 4..64 on the meta device and compares)."""
+
+    min: int
+    multiple: int = 1
+    power_of_two: bool = False
+    why: str = ""
+
+    def accepts(self, size: int) -> bool:
+        return size >= self.min and size % self.multiple == 0 and (not self.power_of_two or size & (size - 1) == 0)
+
+    def allowed(self) -> str:
+        kind = "a power of two" if self.power_of_two else f"a multiple of {self.multiple}" if self.multiple > 1 else ""
+        return f"{kind} >= {self.min}".strip()
+
+
+_VAEGAN_SIZE = SizeRule(16, multiple=8, why="three stride-2 stages down to S/8, at least 2^3")
+SIZE_RULES: dict[str, SizeRule] = {
+    **{m: _VAEGAN_SIZE for m in ("vae", "vaegan", "xvaegan", "xvaegan_clin", "ours", "ours_noaux")},
+    "wgan_gp": SizeRule(8, power_of_two=True, why="the generator doubles 4^3 up to S, the critic halves S to 4^3"),
+    "stylegan2": SizeRule(4, power_of_two=True, why="the synthesis network doubles a 4^3 constant up to S"),
+}
+MIN_SIZE = 8  # the synthetic template and the data pipeline (data.size)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # a prepared cohort folder; empty = the embedded synthetic cohort (created on first use)
-    synth_n: int = 24
-    synth_seed: int = 0
-    size: int = 16  # working resolution S (volumes are S^3)
-    split_seed: int = 0
-    cache_dir: str = ".cache/benchmark"
+    # a prepared cohort folder; empty = the embedded synthetic cohort (created on first use)
+    path: str = _f("", text="a prepared cohort folder, or empty")
+    synth_n: int = _f(24, ge=3)  # from 3 subjects on, train/val/test are all non-empty
+    synth_seed: int = _f(0, ge=0)
+    size: int = _f(16, ge=8)  # working resolution S (volumes are S^3); each method narrows it (SIZE_RULES)
+    split_seed: int = _f(0, ge=0)
+    cache_dir: str = _f(".cache/benchmark", text="a folder path", nonempty=True)
     # Conventional 3-D augmentation of training inputs (paper §2.4 (i)), probabilities per volume.
-    p_blur: float = 0.0
-    p_noise: float = 0.0
-    p_gamma: float = 0.0
+    p_blur: float = _f(0.0, ge=0, le=1)
+    p_noise: float = _f(0.0, ge=0, le=1)
+    p_gamma: float = _f(0.0, ge=0, le=1)
     # DiffAugment in every discriminator update (paper §2.4 (ii), Zhao et al. 2020).
-    diffaug_policy: str = "color,translation"
+    diffaug_policy: str = _f("color,translation", subset=("color", "translation", "cutout"))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    width: float = 1.0  # channel multiplier on the paper's widths (64->128->256->512)
-    latent_dim: int = 256
-    clinical_embed_dim: int = 64
-    style_dim: int = 256
-    mapping_layers: int = 2
-    disc_width: float = 1.0
-    disc_conditioning: str = "projection"  # "projection" or "concat"
-    perceptual_backbone: str = "efficientnet_b0"  # or "resnet3d_aux" (frozen 3-D classifier features)
-    perceptual_slices: int = 8  # slices per plane fed to the 2-D perceptual network each step
+    width: float = _f(1.0, gt=0)  # channel multiplier on the paper's widths (64->128->256->512)
+    latent_dim: int = _f(256, ge=1)
+    clinical_embed_dim: int = _f(64, ge=1)
+    style_dim: int = _f(256, ge=1)
+    mapping_layers: int = _f(2, ge=1)
+    disc_width: float = _f(1.0, gt=0)
+    disc_conditioning: str = _f("projection", choices=("projection", "concat"))
+    # "efficientnet_b0" (2-D ImageNet features on slices) or "resnet3d_aux" (frozen 3-D classifier features)
+    perceptual_backbone: str = _f("efficientnet_b0", choices=("efficientnet_b0", "resnet3d_aux"))
+    perceptual_slices: int = _f(8, ge=1)  # slices per plane fed to the 2-D perceptual network each step
     grad_checkpoint: bool = False
     # 1x1x1 conv to this many channels at 1/8 resolution before the flatten (and after the decoder's linear):
     # what makes the paper's parameter counts possible (arithmetic in models/vaegan.py).
-    bottleneck_channels: int = 2
-    adv_loss: str = "lsgan"  # "lsgan" (PatchGAN reference code), "bce" (non-saturating) or "hinge"
+    bottleneck_channels: int = _f(2, ge=1)
+    # "lsgan" (PatchGAN reference code), "bce" (non-saturating) or "hinge"
+    adv_loss: str = _f("lsgan", choices=("lsgan", "bce", "hinge"))
     aux_on_prior: bool = False  # L_cls/L_reg also on a volume decoded from z ~ p(z|c), not only on x_hat
     # Decoder output = a per-voxel template (the running mean of the training volumes seen, a buffer) + g(z, c):
     # a conv decoder needs thousands of steps to draw even the mean brain's edges from its 1/8-resolution input.
     output_template: bool = False
     # Activation normalisation in the decoder stages: "none" (paper) or "instance" (StyleGAN1's AdaIN-style instance
     # norm after each stage conv, before the activation; DESIGN §9 "Decoder learning speed").
-    decoder_norm: str = "none"
+    decoder_norm: str = _f("none", choices=("none", "instance"))
     # With output_template: x_hat = template warped by a displacement field the decoder draws (3 extra output
     # channels, in units of WARP_SCALE x the half-width of the volume) + the residual channel (DESIGN §9).
     template_warp: bool = False
     # Initial bias of the encoder's log sigma^2 head (0 = paper: posterior noise starts at the prior's, norm ~sqrt(k),
     # ~20x the posterior mean's; the decoder then learns to ignore z before the encoder can carry anything).
-    encoder_logvar_init: float = 0.0
+    encoder_logvar_init: float = _f(0.0, ge=-30, le=30)  # exp(+-30): beyond, the posterior over/underflows
     # Shallow linear paths beside the conv stacks: encoder mu += linear(x average-pooled to 1/8 resolution), decoder
     # output += upsampled linear(z) at 1/8 resolution (DESIGN §9 "Decoder learning speed").
     coarse_path: bool = False
@@ -73,70 +169,72 @@ class ModelConfig:
 class LossConfig:
     """Loss weights of paper Eq. (2) with the values of §2.1."""
 
-    rec: float = 10.0
-    kl: float = 0.1
-    adv: float = 1.0
-    perc: float = 20.0
-    cls: float = 1.0
-    reg: float = 1.0
+    rec: float = _f(10.0, ge=0)
+    kl: float = _f(0.1, ge=0)
+    adv: float = _f(1.0, ge=0)
+    perc: float = _f(20.0, ge=0)
+    cls: float = _f(1.0, ge=0)
+    reg: float = _f(1.0, ge=0)
     # lambda_KL ramps linearly from 0 to `kl` over the first this many volumes seen (0 = the paper's constant weight;
     # VAE-GAN rows only): the decoder learns to use z before the KL can collapse the posterior onto the prior.
-    kl_warmup_volumes: int = 0
+    kl_warmup_volumes: int = _f(0, ge=0)
     # How L_KL is reduced over the k latent dimensions: "mean" (what lambda_KL = 0.1 next to a voxel-MEAN L1 can
     # mean: summed, it weighs a nat 0.1 against 10 x a voxel-mean error, a beta of ~10^3-10^4 that collapses the
     # posterior, DESIGN §9) or "sum" (the textbook ELBO term).
-    kl_reduction: str = "mean"
+    kl_reduction: str = _f("mean", choices=("mean", "sum"))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    budget_volumes: int = 480  # training budget in volumes seen, identical for every method of a suite
-    batch_size: int = 4
-    lr_g: float = 1e-4
-    lr_d: float = 1e-3
-    beta1: float = 0.5
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    val_every_volumes: int = 160
-    val_metric: str = "val_l1"  # the metric ReduceLROnPlateau and early stopping watch ("val_fid" in paper)
-    plateau_factor: float = 0.75
+    seed: int = _f(0, ge=0)
+    budget_volumes: int = _f(480, ge=1)  # training budget in volumes seen, identical for every method of a suite
+    batch_size: int = _f(4, ge=1)
+    lr_g: float = _f(1e-4, gt=0)
+    lr_d: float = _f(1e-3, gt=0)
+    beta1: float = _f(0.5, ge=0, lt=1)
+    beta2: float = _f(0.999, ge=0, lt=1)
+    grad_clip: float = _f(1.0, ge=0)  # 0 = no clipping
+    val_every_volumes: int = _f(160, ge=1)
+    # the metric ReduceLROnPlateau and early stopping watch ("val_fid" in paper)
+    val_metric: str = _f("val_l1", choices=VAL_METRICS)
+    plateau_factor: float = _f(0.75, gt=0, lt=1)
     # Patience in volumes seen, the paper's unit (epochs x training-set size), whatever the validation cadence:
     # the LR drops / training stops once the watched metric has not improved for this many volumes (0 = never).
-    plateau_patience_volumes: int = 20000
-    early_stop_patience_volumes: int = 0
-    ema_decay: float = 0.0  # EMA of the generator-side networks (0 = off)
+    plateau_patience_volumes: int = _f(20000, ge=0)
+    early_stop_patience_volumes: int = _f(0, ge=0)
+    ema_decay: float = _f(0.0, ge=0, lt=1)  # EMA of the generator-side networks (0 = off)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    device: str = "auto"
-    checkpoint_every_volumes: int = 160
-    num_threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
+    device: str = _f("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?", text="auto, cpu, mps, cuda or cuda:N")
+    checkpoint_every_volumes: int = _f(160, ge=1)
+    num_threads: int = _f(0, ge=0)  # torch intra-op threads on CPU (0 = torch default)
 
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    width: int = 8  # ResNet-18 base width (64 in the paper)
-    epochs: int = 15
-    batch_size: int = 8
-    lr: float = 1e-4
-    grad_clip: float = 5.0
-    patience: int = 10
-    schedule: str = "constant"  # "constant" (paper) or "cosine" (one warm-up epoch, cosine decay to 0)
+    width: int = _f(8, ge=1)  # ResNet-18 base width (64 in the paper)
+    epochs: int = _f(15, ge=1)
+    batch_size: int = _f(8, ge=2)  # BatchNorm: the last stage is 1^3 at the small presets
+    lr: float = _f(1e-4, gt=0)
+    grad_clip: float = _f(5.0, gt=0)
+    patience: int = _f(10, ge=1)
+    # "constant" (paper) or "cosine" (one warm-up epoch, cosine decay to 0)
+    schedule: str = _f("constant", choices=("constant", "cosine"))
     mirror: bool = False  # mirror training volumes left-right, swapping the left/right ratio targets
-    max_shift: int = 0  # integer translation augmentation of training volumes, voxels per axis
+    max_shift: int = _f(0, ge=0)  # integer translation augmentation of training volumes, voxels per axis
     stem_pool: bool = True  # the stem's max-pool (ResNet-18); off at quick: 32^3 inputs would end at 1^3
-    epochs_reg: int = 0  # the regressor's own epoch budget (0 = `epochs`)
-    seed: int = 0  # construction and training of the shared stage (in its digest; independent of train.seed)
+    epochs_reg: int = _f(0, ge=0)  # the regressor's own epoch budget (0 = `epochs`)
+    seed: int = _f(0, ge=0)  # construction and training of the shared stage (in its digest; independent of train.seed)
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 5e-4
-    grad_clip: float = 1.0
-    timesteps: int = 500
-    hidden: int = 128
-    seed: int = 0  # construction and training of the shared stage (in its digest; independent of train.seed)
+    steps: int = _f(3000, ge=1)
+    batch_size: int = _f(256, ge=1)
+    lr: float = _f(5e-4, gt=0)
+    grad_clip: float = _f(1.0, gt=0)
+    timesteps: int = _f(500, ge=1)
+    hidden: int = _f(128, ge=1)
+    seed: int = _f(0, ge=0)  # construction and training of the shared stage (in its digest; independent of train.seed)
 
 
 @dataclass(frozen=True)
@@ -144,92 +242,98 @@ class FidNetConfig:
     """The evaluation-only FID network (``fid_fidnet``): a MedicalNet-layout 3-D ResNet-18 trained once per
     (cohort, split) on the training split, never used by any training loss (models/fid_network.py)."""
 
-    width: int = 8  # base width (MedicalNet: 64); pooled features have 8 x width dimensions
-    shortcut: str = "A"  # MedicalNet resnet_18: zero-padded identity shortcuts
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 2e-3  # AdamW, one-cycle cosine schedule
-    weight_decay: float = 1e-4
-    w_cls: float = 1.0  # AD/CN cross-entropy
-    w_reg: float = 1.0  # MSE on the six standardised ROI ratios
-    w_ssl: float = 0.0  # NT-Xent (SimCLR) between two augmented views (measured worse: DESIGN §9 "FID network")
-    temperature: float = 0.2
-    seed: int = 0
+    width: int = _f(8, ge=1)  # base width (MedicalNet: 64); pooled features have 8 x width dimensions
+    shortcut: str = _f("A", choices=("A", "B"))  # MedicalNet resnet_18: zero-padded identity shortcuts
+    epochs: int = _f(10, ge=1)
+    batch_size: int = _f(16, ge=2)  # BatchNorm
+    lr: float = _f(2e-3, gt=0)  # AdamW, one-cycle cosine schedule
+    weight_decay: float = _f(1e-4, ge=0)
+    w_cls: float = _f(1.0, ge=0)  # AD/CN cross-entropy
+    w_reg: float = _f(1.0, ge=0)  # MSE on the six standardised ROI ratios
+    # NT-Xent (SimCLR) between two augmented views (measured worse: DESIGN §9 "FID network")
+    w_ssl: float = _f(0.0, ge=0)
+    temperature: float = _f(0.2, gt=0)
+    # untrained (random-init) copies whose pooled features join the trained ones: they keep FID sensitive to
+    # low-level artefacts (noise, ghosting, spikes) the trained features ignore (DESIGN §9 "FID network")
+    n_random: int = _f(3, ge=0)
+    seed: int = _f(0, ge=0)
 
 
 @dataclass(frozen=True)
 class WGANConfig:
-    z_dim: int = 128
-    width: float = 1.0
-    gp_lambda: float = 10.0
-    n_critic: int = 5
-    lr: float = 1e-4
-    beta1: float = 0.0
-    beta2: float = 0.9
+    z_dim: int = _f(128, ge=1)
+    width: float = _f(1.0, gt=0)
+    gp_lambda: float = _f(10.0, ge=0)
+    n_critic: int = _f(5, ge=1)
+    lr: float = _f(1e-4, gt=0)
+    beta1: float = _f(0.0, ge=0, lt=1)
+    beta2: float = _f(0.9, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
 class StyleGANConfig:
-    z_dim: int = 256
-    w_dim: int = 256
-    fmaps: float = 1.0
-    mapping_layers: int = 8
-    mapping_lr_mult: float = 0.01
-    r1_gamma: float = 10.0
-    pl_weight: float = 2.0
-    pl_decay: float = 0.01
+    z_dim: int = _f(256, ge=1)
+    w_dim: int = _f(256, ge=1)
+    fmaps: float = _f(1.0, gt=0)
+    mapping_layers: int = _f(8, ge=1)
+    mapping_lr_mult: float = _f(0.01, gt=0)
+    r1_gamma: float = _f(10.0, ge=0)
+    pl_weight: float = _f(2.0, ge=0)
+    pl_decay: float = _f(0.01, gt=0, le=1)
     lazy_reg: bool = True
-    lr: float = 0.002
-    beta1: float = 0.0
-    beta2: float = 0.99
-    ema_halflife_volumes: int = 500
+    lr: float = _f(0.002, gt=0)
+    beta1: float = _f(0.0, ge=0, lt=1)
+    beta2: float = _f(0.99, ge=0, lt=1)
+    ema_halflife_volumes: int = _f(500, ge=0)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_generated: int = 16  # generated volumes for FID (paper: 2000)
-    n_prior_vectors: int = 64  # clinical vectors for Table 4 (paper: 1000)
-    n_draws: int = 5  # independent generation draws for mean +- std when --seeds 1
-    n_slices: int = 32  # tri-planar slices per plane (paper: 32)
+    n_generated: int = _f(16, ge=2)  # FID needs a covariance: generated volumes for FID (paper: 2000)
+    n_prior_vectors: int = _f(64, ge=2)  # clinical vectors for Table 4 (paper: 1000)
+    n_draws: int = _f(5, ge=1)  # independent generation draws for mean +- std when --seeds 1
+    n_slices: int = _f(32, ge=1)  # tri-planar slices per plane (paper: 32)
     # Default FID network (validation, pairing, nn_ratio, Optuna): "resnet18" = the evaluation-only network (no loss
     # sees it); "resnet18sep" = the frozen AD/CN classifier `ours` trains against; "medicalnet18" (medicalnet_weights).
-    fid_extractor: str = "resnet18"
-    medicalnet_weights: str = ""
-    lpips_net: str = "alex"
-    lpips_backbone: str = "pretrained"  # "random" = the offline variant, logged as lpips_triplanar_alexrand
-    batch_size: int = 8
-    bootstrap: int = 1000
+    fid_extractor: str = _f("resnet18", choices=("resnet18", "resnet18sep", "medicalnet18"))
+    medicalnet_weights: str = _f("", text="a MedicalNet .pth file, or empty")
+    lpips_net: str = _f("alex", choices=("alex", "vgg", "squeeze"))
+    # "random" = the offline variant, logged as lpips_triplanar_alexrand
+    lpips_backbone: str = _f("pretrained", choices=("pretrained", "random"))
+    batch_size: int = _f(8, ge=1)
+    bootstrap: int = _f(1000, ge=1)
 
 
 @dataclass(frozen=True)
 class UtilityConfig:
     """Downstream utility and memorization (issue #10): classifiers trained on real and/or synthetic volumes."""
 
-    n_synthetic: int = 64  # synthetic volumes per generator (half AD, half CN for conditional generators)
-    seeds: int = 3  # classifier trainings per arm (mean +- std over these)
-    epochs: int = 12  # budget of every arm = epochs x (real training-set size) volumes, identical for all arms
-    memo_ssim_n: int = 8  # generated volumes scored in voxel space (1 - SSIM costs N x (train + test) SSIMs)
-    memo_threshold: float = 0.5  # nn_ratio below this = at least twice as close to a training subject
+    n_synthetic: int = _f(64, ge=2)  # synthetic volumes per generator (half AD, half CN for conditional generators)
+    seeds: int = _f(3, ge=1)  # classifier trainings per arm (mean +- std over these)
+    # budget of every arm = epochs x (real training-set size) volumes, identical for all arms
+    epochs: int = _f(12, ge=1)
+    memo_ssim_n: int = _f(8, ge=1)  # generated volumes scored in voxel space (1 - SSIM costs N x (train + test) SSIMs)
+    memo_threshold: float = _f(0.5, gt=0)  # nn_ratio below this = at least twice as close to a training subject
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    config_file: str = "mlflow.yaml"
-    experiment: str = ""  # empty = named after the suite (or "train")
+    config_file: str = _f("mlflow.yaml", text="a YAML file path (absent = defaults)", nonempty=True)
+    experiment: str = _f("", text="an MLflow experiment name, or empty")  # empty = named after the suite (or "train")
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    lambda_low: float = 0.1  # search ranges are multiplicative around the paper's weights (log-uniform)
-    lambda_high: float = 10.0
-    objective: str = "fid"  # or "fid,bac" (multi-objective)
-    pruner_warmup: int = 1
+    lambda_low: float = _f(0.1, gt=0)  # search ranges are multiplicative around the paper's weights (log-uniform)
+    lambda_high: float = _f(10.0, gt=0)  # and > lambda_low
+    objective: str = _f("fid", choices=("fid", "fid,bac"))  # or "fid,bac" (multi-objective)
+    pruner_warmup: int = _f(1, ge=0)
 
 
 @dataclass(frozen=True)
 class Config:
-    method: str = "ours"
-    preset: str = "smoke"
+    method: str = _f("ours", text="a registered method (see `list`)", nonempty=True)
+    preset: str = _f("smoke", choices=("smoke", "quick", "paper"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -345,9 +449,63 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
         return float(value)
     if expected is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected bool, got {value!r}")
-    if not isinstance(value, expected):
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def field_rules() -> dict[str, Rule | None]:
+    """Dotted key -> the field's :class:`Rule` (None for a boolean: its type is the whole rule)."""
+    if not _RULES:
+        def walk(cls: Any, prefix: str) -> None:
+            for f in fields(cls):
+                if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+                    walk(f.default_factory, f"{prefix}{f.name}.")
+                else:
+                    _RULES[f"{prefix}{f.name}"] = f.metadata.get("rule")
+
+        walk(Config, "")
+    return _RULES
+
+
+_RULES: dict[str, Rule | None] = {}
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming the key, the value and what is allowed, unless ``value`` satisfies the key's rule."""
+    rule = field_rules().get(key)
+    if rule is not None and not rule.accepts(value):
+        kind = {int: "an integer ", float: "a number "}.get(type(value), "") if not rule.text else ""
+        raise ConfigError(f"{key}={value!r}: allowed: {kind}{rule.allowed()}")
+
+
+def check_size(size: int, methods: Any, key: str = "data.size") -> None:
+    """ConfigError unless every method in ``methods`` can be built at volume size ``size`` (SIZE_RULES)."""
+    rules = {m: SIZE_RULES[m] for m in dict.fromkeys(methods) if m in SIZE_RULES}
+    if size < MIN_SIZE:
+        raise ConfigError(f"{key}={size}: allowed: an integer >= {MIN_SIZE}")
+    bad = [m for m, r in rules.items() if not r.accepts(size)]
+    if not bad:
+        return
+    groups: dict[SizeRule, list[str]] = {}
+    for m in bad:
+        groups.setdefault(rules[m], []).append(m)
+    why = "; ".join(f"{', '.join(ms)} need{'s' if len(ms) == 1 else ''} {r.allowed()} ({r.why})"
+                    for r, ms in groups.items())
+    ok = [s for s in range(MIN_SIZE, 1025) if all(r.accepts(s) for r in rules.values())][:4]
+    raise ConfigError(f"{key}={size}: {why}; allowed: {', '.join(map(str, ok))}, ...")
+
+
+def validate(cfg: Config, methods: Any = None) -> Config:
+    """Check every field's rule, the rules between fields, and that the methods (default ``cfg.method``) can be
+    built at ``data.size``; returns ``cfg`` or raises a one-line :class:`ConfigError`."""
+    for key, value in flatten(cfg).items():
+        check_value(key, value)
+    if cfg.tune.lambda_low >= cfg.tune.lambda_high:
+        raise ConfigError(f"tune.lambda_low={cfg.tune.lambda_low!r}: allowed: a number < tune.lambda_high "
+                          f"({cfg.tune.lambda_high!r})")
+    check_size(cfg.data.size, (cfg.method,) if methods is None else methods)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
@@ -357,6 +515,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         if key not in flat:
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(flat))}")
         value = _coerce(key, flat[key], value)
+        check_value(key, value)
         parts = key.split(".")
         if len(parts) == 1:
             cfg = replace(cfg, **{key: value})
@@ -402,18 +561,23 @@ def resolve(
     method: str | None = None,
     overrides: dict[str, Any] | None = None,
     config_file: Path | None = None,
+    methods: Any = None,
 ) -> Config:
-    """Defaults <- preset <- config file <- ``--set`` overrides, in that order."""
+    """Defaults <- preset <- config file <- ``--set`` overrides, in that order, then :func:`validate`d: ``methods``
+    are the methods that must take ``data.size`` (default: the resolved ``method``; a suite passes its rows)."""
     if preset not in PRESET_OVERRIDES:
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESET_OVERRIDES)}")
     cfg = apply_overrides(Config(preset=preset), PRESET_OVERRIDES[preset]())
     if config_file is not None:
         file_values = load_config_file(config_file)
         file_values.pop("preset", None)
-        cfg = apply_overrides(cfg, file_values)
+        try:
+            cfg = apply_overrides(cfg, file_values)
+        except ConfigError as err:
+            raise ConfigError(f"config file {config_file}: {err}") from None
     if method is not None:
         cfg = replace(cfg, method=method)
-    return apply_overrides(cfg, overrides or {})
+    return validate(apply_overrides(cfg, overrides or {}), methods)
 
 
 def to_json(cfg: Config) -> str:

@@ -70,6 +70,16 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return float(t.item() / world_size())
 
 
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the entries of every rank's ``x``, differentiable (the autograd-aware all-reduce); ``x.mean()`` alone."""
+    if world_size() == 1:
+        return x.mean()
+    from torch.distributed.nn.functional import all_reduce
+
+    total = all_reduce(torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]))
+    return total[0] / total[1]
+
+
 class SyncBatchNorm3d(torch.nn.BatchNorm3d):
     """BatchNorm3d whose training statistics span every rank's share of the global batch.
 

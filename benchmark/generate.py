@@ -12,28 +12,33 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from benchmark.data.contract import DIAGNOSES, LABEL_INDEX, ROI_NAMES
+
+if TYPE_CHECKING:
+    from torch import Tensor
+# torch is imported where it is used: the CLI builds its parser from this module, and `--help`, `--dry-run` and
+# one-line input errors should not wait for torch to load.
 
 EXTRAPOLATION_STDS = 4.0  # a requested ratio further than this from the training mean needs --allow-extrapolation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmark.cli import int_at_least
+
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", type=Path, help="a run folder, weights.pt or checkpoint.pt")
     g.add_argument("--run-id", help="an MLflow run id (its weights artifact)")
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n", type=int_at_least(1), default=8)
     p.add_argument("--label", default=None, help="CN or AD (default: drawn from the prior)")
     for name in ROI_NAMES:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=None,
                        help=f"{name} as a fraction of whole-brain volume")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="diffusion prior sampler")
     p.add_argument("--allow-extrapolation", action="store_true",
                    help=f"accept ratios more than {EXTRAPOLATION_STDS:g} training SDs from the training mean")
@@ -42,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def write_nifti(volume: Tensor | np.ndarray, path: Path, affine: np.ndarray | None = None) -> Path:
     """float32 NIfTI, written atomically; ``affine`` defaults to 1 mm RAS voxels centred on the volume."""
     import nibabel as nib
+    import torch
 
-    arr = np.asarray(volume.detach().cpu() if isinstance(volume, Tensor) else volume, dtype=np.float32)
+    arr = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume, dtype=np.float32)
     arr = arr.reshape(arr.shape[-3:])
     if affine is None:
         affine = np.eye(4)
@@ -59,7 +65,7 @@ def write_nifti(volume: Tensor | np.ndarray, path: Path, affine: np.ndarray | No
 
 def requested_values(args: argparse.Namespace, train_raw: np.ndarray, allow_extrapolation: bool) -> dict[int, float]:
     """{coordinate: RAW value} of what the user fixed, validated against the training range."""
-    from benchmark.cli import UsageError
+    from benchmark.errors import UsageError
 
     fixed: dict[int, float] = {}
     if args.label is not None:
@@ -85,6 +91,8 @@ def requested_values(args: argparse.Namespace, train_raw: np.ndarray, allow_extr
 def clinical_vectors(n: int, fixed_raw: dict[int, float], normalizer: Any, prior: Any, seed: int,
                      sampler: str = "ddpm") -> tuple[Tensor, str]:
     """[n,7] standardised vectors and the mode used (manual / partial / stochastic)."""
+    import torch
+
     raw = torch.zeros(1, 7)
     for i, v in fixed_raw.items():
         raw[0, i] = v
@@ -98,16 +106,20 @@ def clinical_vectors(n: int, fixed_raw: dict[int, float], normalizer: Any, prior
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from benchmark.cli import UsageError
+    import torch
+
+    from benchmark.errors import UsageError, check_writable_dir
     from benchmark.figures import triplanar_grid
     from benchmark.runner import load_trained
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
+    check_writable_dir(args.out, "--out")  # before the (slow) model and stages are loaded
     checkpoint = args.checkpoint
     if args.run_id:
-        from benchmark.tracking import download_artifact
+        from benchmark.tracking import check_store, download_artifact
 
+        check_store()
         checkpoint = download_artifact(args.run_id, "weights/weights.pt")
     cfg, method, stages = load_trained(checkpoint)
     if not method.conditional and (args.label or any(getattr(args, n) is not None for n in ROI_NAMES)):

@@ -174,7 +174,7 @@ def children(parent_run_id: str, experiment: str, settings: TrackingSettings | N
 
 def latest_parent(suite: str, experiment: str | None = None, settings: TrackingSettings | None = None
                   ) -> RunRecord:
-    from benchmark.cli import UsageError
+    from benchmark.errors import UsageError
 
     runs = find_runs(experiment or suite, f"tags.suite = '{suite}' and tags.kind = 'suite'", settings=settings)
     finished = [r for r in runs if r.status in ("FINISHED", "FAILED")]
@@ -323,7 +323,12 @@ def render_suite(suite: str, fmt: str = "md", parent_run_id: str | None = None,
     if parent_run_id is None:
         parent = latest_parent(suite, experiment, settings)
     else:
-        parent = next(r for r in find_runs(experiment, "", settings=settings) if r.run_id == parent_run_id)
+        parent = next((r for r in find_runs(experiment, "", settings=settings) if r.run_id == parent_run_id), None)
+        if parent is None:
+            from benchmark.errors import StoreError
+
+            uri = (settings or TrackingSettings.load()).tracking_uri
+            raise StoreError(f"run id {parent_run_id!r}: no `{suite}` run with this id in the MLflow store {uri}")
     kids = children(parent.run_id, experiment, settings)
     header, rows, note = table_rows(suite, parent, kids)
     return render(header, rows, note, fmt, SUITES.get(suite).title)

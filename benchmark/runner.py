@@ -6,9 +6,11 @@ metrics JSON; the MLflow run id is stored there too, so ``--resume`` continues t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,13 +72,37 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str = "") -> Iterator[None]:
+    """Hold ``<folder>/.lock`` (an OS file lock, released when the process ends however it ends) for the block.
+
+    Two processes that would write the same run folder (two ``run --suite`` on one store and folder) take turns:
+    the second waits, then finds the first one's finished run and reuses it instead of training it again.
+    """
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"{what or folder}: waiting for another process working in {folder}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prepare_stages(cfg: Config, progress: bool = True) -> SharedStages:
     from benchmark.stages import get_fid_network, get_heads, get_prior, heads_digest
 
-    bundle = load_bundle(cfg, progress=progress)
-    heads, heads_info = get_heads(cfg, bundle, progress=progress)
-    prior, prior_info = get_prior(cfg, bundle, progress=progress)
-    fid_net, fid_info = get_fid_network(cfg, bundle, progress=progress)
+    # One process at a time per stage cache: a second one waits and loads what the first has just trained.
+    with folder_lock(Path(cfg.data.cache_dir), "shared stages"):
+        bundle = load_bundle(cfg, progress=progress)
+        heads, heads_info = get_heads(cfg, bundle, progress=progress)
+        prior, prior_info = get_prior(cfg, bundle, progress=progress)
+        fid_net, fid_info = get_fid_network(cfg, bundle, progress=progress)
     tags = {"data_source": bundle.source, "split_fingerprint": bundle.fingerprint, "preset": cfg.preset,
             "heads_digest": heads_info.get("digest", ""), "prior_digest": prior_info.get("digest", ""),
             "fidnet_digest": fid_info.get("digest", "")}
@@ -156,8 +182,11 @@ def run_method(
     from benchmark.evaluation import EvalContext, evaluate, method_metrics
     from benchmark.train import train
 
+    from benchmark.resources import peaks, reset_peaks
+
     run_dir = run_dir or default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    reset_peaks()  # this child's own peak memory, not the suite's so far
     setup = prepare_training(cfg, stages)
     method = setup.method
     tags = {**stages.tags, "method": cfg.method, "config_digest": run_digest(cfg), "seed": str(cfg.train.seed),
@@ -194,7 +223,7 @@ def run_method(
     ctx = EvalContext(cfg, method, stages, device=device, progress=progress)
     metrics = evaluate(ctx, list(metric_names or method_metrics(method)))
     # Timings go to the tracker only: metrics.json stays a pure function of config and seed.
-    tracker.log_metrics({"time_train_s": elapsed, "time_per_volume_ms": _inference_ms(ctx)})
+    tracker.log_metrics({"time_train_s": elapsed, "time_per_volume_ms": _inference_ms(ctx), **peaks()})
     tracker.log_metrics(metrics)
     tracker.set_tags({**ctx.notes, "evaluated": "1"})
     _log_artifacts(ctx, tracker, run_dir, cfg)
@@ -257,30 +286,100 @@ def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> No
 
 
 def load_trained(checkpoint: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, Any, SharedStages]:
-    """Rebuild a trained method (and its shared stages) from a run folder's weights.pt or checkpoint.pt."""
-    from benchmark.config import apply_overrides, resolve
+    """Rebuild a trained method (and its shared stages) from a run folder's weights.pt or checkpoint.pt.
+
+    A missing, unreadable or incompatible checkpoint (config keys this code does not know, weights that do not fit
+    the method its config builds) is a one-line :class:`CheckpointError`, found before any data or stage is built.
+    """
+    from benchmark.config import ConfigError, apply_overrides, resolve, validate
+    from benchmark.errors import CheckpointError
+    from benchmark.train import load_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "weights.pt" if (path / "weights.pt").is_file() else path / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_checkpoint(path)
     flat = dict(payload["config"])
-    cfg = resolve(flat.pop("preset"), method=flat.pop("method"))
-    cfg = apply_overrides(cfg, {**flat, **(overrides or {})})
+    unknown = sorted(set(flat) - set(flatten(Config())))
+    if unknown:
+        raise CheckpointError(f"{path}: saved with config keys this code does not have: {_some(unknown)} "
+                              "(written by another version of the benchmark?)")
+    try:
+        cfg = resolve(str(flat.pop("preset", "smoke")), method=str(flat.pop("method", "")), overrides=flat)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its saved config is invalid here: {err}") from None
+    saved = flatten(cfg)
+    cfg = validate(apply_overrides(cfg, overrides or {}))
+    changed = {k: (saved[k], v) for k, v in flatten(cfg).items() if saved[k] != v}
+    mismatch = state_mismatch(_meta_state_shapes(cfg), payload["method"])
+    if mismatch:
+        why = "; ".join(f"{k}={new!r} (saved: {old!r})" for k, (old, new) in changed.items())
+        raise CheckpointError(f"{path}: weights do not fit {cfg.method} as configured"
+                              + (f" with {why}" if why else "") + f": {mismatch}")
     stages = prepare_stages(cfg, progress=False)
     return cfg, load_method(cfg, stages, payload["method"]), stages
 
 
+class MetaHeads:
+    """Stands in for the frozen heads where a method is only built to count or compare its parameters (on the meta
+    device: nothing allocated); the heads are not part of any generator's state_dict."""
+
+    def losses(self, x: Any, c: Any, classifier_maps: Any = None) -> dict[str, Any]:  # pragma: no cover - counting
+        raise RuntimeError("meta heads are for parameter counting only")
+
+    def features(self, x: Any) -> Any:  # pragma: no cover
+        raise RuntimeError("meta heads are for parameter counting only")
+
+
+def _meta_state_shapes(cfg: Config) -> dict[str, tuple[int, ...]] | None:
+    """{key: shape} of the state_dict a trained ``cfg.method`` has (built on the meta device, with its EMA); None
+    for a reference row, which has no trained weights."""
+    from benchmark.catalog import load_all
+
+    load_all()
+    with torch.device("meta"):
+        method = METHODS.get(cfg.method)(cfg, heads=MetaHeads())
+        if not getattr(method, "needs_training", True):
+            return None
+        method.setup_ema(cfg.train.ema_decay)
+    return {k: tuple(v.shape) for k, v in method.state_dict().items()}
+
+
+def state_mismatch(expected: dict[str, tuple[int, ...]] | None, state: dict[str, Any]) -> str:
+    """What differs between the state_dict a method expects (key -> shape) and a saved one, in one line ("" when
+    they fit): missing keys, unexpected keys, and shapes that differ."""
+    if expected is None:
+        return ""
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {list(got[k])} saved vs {list(expected[k])}" for k in expected
+              if k in got and got[k] != expected[k]]
+    parts = [f"{len(shapes)} shape(s) differ: {_some(shapes, 3)}" if shapes else "",
+             f"{len(missing)} key(s) missing: {_some(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected key(s): {_some(unexpected)}" if unexpected else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def _some(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
 def load_method(cfg: Config, stages: SharedStages, state: dict[str, Any] | Path) -> Any:
     """The method of ``cfg`` on the shared stages with trained weights (a state dict or a weights.pt file)."""
+    from benchmark.errors import CheckpointError
+    from benchmark.train import load_checkpoint
+
+    where = "weights"
     if not isinstance(state, dict):
-        state = torch.load(state, map_location="cpu", weights_only=True)["method"]
+        where, state = str(state), load_checkpoint(state)["method"]
     method = build_method(cfg, stages.heads)
     if not getattr(method, "needs_training", True):
         return method.fit(stages.bundle).eval()
     method.setup_ema(cfg.train.ema_decay)
+    mismatch = state_mismatch({k: tuple(v.shape) for k, v in method.state_dict().items()}, state)
+    if mismatch:
+        raise CheckpointError(f"{where}: do not fit {cfg.method} as configured: {mismatch}")
     method.load_state_dict(state)
     return method.eval()
 

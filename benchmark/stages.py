@@ -144,7 +144,7 @@ def get_prior(cfg: Config, bundle: DataBundle, progress: bool = True) -> tuple[A
 def build_fid_network(cfg: Config) -> Any:
     from models.fid_network import FidNetwork
 
-    return FidNetwork(width=cfg.fidnet.width, shortcut=cfg.fidnet.shortcut)
+    return FidNetwork(width=cfg.fidnet.width, shortcut=cfg.fidnet.shortcut, n_random=cfg.fidnet.n_random)
 
 
 def get_fid_network(
@@ -154,11 +154,13 @@ def get_fid_network(
 
     A MedicalNet-layout 3-D ResNet-18 (``models.fid_network``) trained on the training split with its own seed and
     objective (``fidnet.*``); no generator loss uses it. Returns
-    ``(metrics.extractors.FrozenBackboneExtractor(backbone, "resnet18"), info)``: the extractor maps
-    ``[N, 1, S, S, S]`` to pooled features ``[N, 8 * fidnet.width]`` (eval mode, no gradients); ``info`` holds
+    ``(metrics.extractors.FrozenBackboneExtractor(net, "resnet18"), info)``: the extractor maps ``[N, 1, S, S, S]``
+    to block-scaled pooled features ``[N, 8 * fidnet.width * (1 + fidnet.n_random)]`` (trained block, then the
+    random copies: ``models.fid_network.FidNetwork.forward``; eval mode, no gradients); ``info`` holds
     ``digest``, ``fidnet_test_bac``, ``fidnet_val_bac`` (balanced accuracy of a logistic-regression probe on the
-    frozen features, fit on the training split), ``fidnet_test_roi_r2``, ``fidnet_val_roi_r2`` (mean R^2 over the
-    six ratios of a ridge probe), ``fidnet_feature_dim``.
+    trained block's frozen features, fit on the training split), ``fidnet_test_roi_r2``, ``fidnet_val_roi_r2`` (mean
+    R^2 over the six ratios of a ridge probe), the same on all FID features (``fidnet_all_*``: the random blocks
+    carry no clinical training and dilute a linear probe), ``fidnet_feature_dim``.
     """
     from metrics.extractors import FrozenBackboneExtractor
     from models.fid_network import extract_features, fit_fid_network, linear_probe_scores
@@ -172,14 +174,17 @@ def get_fid_network(
                         weight_decay=f.weight_decay, w_cls=f.w_cls, w_reg=f.w_reg, w_ssl=f.w_ssl,
                         temperature=f.temperature, seed=f.seed, progress=progress)
         parts = {part: bundle.tensors(part) for part in ("val", "test")}
-        feats = {part: extract_features(net.backbone, x) for part, (x, _) in parts.items()}
-        scores = linear_probe_scores(extract_features(net.backbone, train[0]), train[1],
-                                     {part: (feats[part], parts[part][1]) for part in parts})
-        return {"digest": key, "fidnet_feature_dim": float(net.backbone.num_features),
-                **{f"fidnet_{k}": v for k, v in scores.items()}}
+        info: dict[str, Any] = {"digest": key, "fidnet_feature_dim": float(net.num_features)}
+        # probes on the trained block (its clinical content) and on everything FID sees (prefix fidnet_all_)
+        for prefix, module in (("fidnet_", net.backbone), ("fidnet_all_", net)):
+            feats = {part: extract_features(module, x) for part, (x, _) in parts.items()}
+            scores = linear_probe_scores(extract_features(module, train[0]), train[1],
+                                         {part: (feats[part], parts[part][1]) for part in parts})
+            info.update({f"{prefix}{k}": v for k, v in scores.items()})
+        return info
 
     with seeded(f.seed):
         net = build_fid_network(cfg)
         info = _load_or_fit(path, net, fit)
     net.eval()
-    return FrozenBackboneExtractor(net.backbone, "resnet18"), info
+    return FrozenBackboneExtractor(net, "resnet18"), info

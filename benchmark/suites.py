@@ -94,8 +94,21 @@ def _finished_child(suite: str, cfg: Config) -> Any:
     return orphan
 
 
+def suite_methods(name: str) -> tuple[str, ...]:
+    """Every row (references and methods) of a suite, or of every suite for ``all``: the methods ``data.size`` must
+    suit (an unknown suite name is an :class:`UnknownEntry` listing the valid ones)."""
+    names = ALL if name == "all" else (SUITES.get(name).name,)
+    return tuple(dict.fromkeys(m for n in names for m in SUITES.get(n).references + SUITES.get(n).methods))
+
+
 def run_suite(name: str, cfg: Config, *, seeds: int = 1, progress: bool = True, fresh: bool = False) -> int:
     """Run a suite (or ``all``) and print its tables; returns the exit code."""
+    from benchmark.config import check_size
+    from benchmark.errors import UsageError
+
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    check_size(cfg.data.size, suite_methods(name))  # before any data is synthesised or stage trained
     names = ALL if name == "all" else (SUITES.get(name).name,)
     failures: list[str] = []
     for suite_name in names:
@@ -184,7 +197,18 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
 
 
 def _run_cell(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: bool) -> None:
-    """Reuse a finished run of the same config, or train and evaluate; a failure is recorded, never raised."""
+    """Reuse a finished run of the same config, or train and evaluate; a failure is recorded, never raised.
+
+    The cell's run folder is locked from the reuse check until its child run is closed: a second suite process on
+    the same store and folder waits, then reuses what the first one trained (it never trains the same child twice).
+    """
+    from benchmark.runner import default_run_dir, folder_lock
+
+    with folder_lock(default_run_dir(cell.cfg), f"[{run.suite.name}] {cell.label}"):
+        _run_cell_locked(run, cell, steps, fresh)
+
+
+def _run_cell_locked(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: bool) -> None:
     from benchmark.runner import default_run_dir, run_method
 
     name = run.suite.name

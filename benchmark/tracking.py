@@ -284,8 +284,99 @@ def metric_history(run_id: str, key: str, settings: TrackingSettings | None = No
 
 
 def download_artifact(run_id: str, path: str, settings: TrackingSettings | None = None) -> Path:
+    """A run's artifact in a fresh temporary folder; :class:`StoreError` for an unknown run or a missing artifact."""
+    import shutil
+
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from benchmark.errors import StoreError
 
     settings = settings or TrackingSettings.load()
     client = MlflowClient(tracking_uri=settings.tracking_uri)
-    return Path(client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="bm-artifact-")))
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise StoreError(f"run id {run_id!r}: no such run in the tracking store {settings.tracking_uri}") from None
+    folder = tempfile.mkdtemp(prefix="bm-artifact-")
+    try:
+        return Path(client.download_artifacts(run_id, path, folder))
+    except (MlflowException, OSError):
+        shutil.rmtree(folder, ignore_errors=True)
+        raise StoreError(f"run {run_id}: no artifact {path!r} (only a run that finished its evaluation has one)"
+                         ) from None
+
+
+# Exceptions that mean "this store cannot be used" (besides MlflowException): a URI SQLAlchemy cannot parse or
+# connect to, a missing database driver, a file store in a folder that cannot be written.
+_STORE_FAILURES: tuple[type[BaseException], ...] = (OSError, ImportError)
+try:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    _STORE_FAILURES += (SQLAlchemyError,)
+except ImportError:  # pragma: no cover - sqlalchemy comes with mlflow
+    pass
+
+
+# URI schemes an MLflow tracking store can have ("" = a local folder).
+STORE_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                 "databricks-uc", "uc")
+
+
+def _store_creation_lock(uri: str) -> Any:
+    """A file lock beside a SQLite store (``<db>.lock``): two processes that open a new store at once would both run
+    its schema migrations (alembic then fails in one of them); with the lock the second finds the store made."""
+    import contextlib
+
+    path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if path is None or not path.parent.is_dir():
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{path}.lock")
+
+
+def check_store(settings: TrackingSettings | None = None, timeout_s: float = 5.0) -> None:
+    """One cheap query against the tracking store, so that a malformed or unreachable URI is one line
+    (:class:`StoreError`) before any work, not a traceback after it. An HTTP server is first probed with a plain TCP
+    connection (MLflow itself retries for minutes). Creating a new SQLite store (first use) happens here."""
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from benchmark.errors import StoreError
+
+    settings = settings or TrackingSettings.load()
+    uri = settings.tracking_uri
+    where = f"MLflow tracking URI {uri!r}"
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    if scheme not in STORE_SCHEMES:
+        raise StoreError(f"{where}: unknown scheme {scheme!r} (use sqlite:///FILE.db, a folder, http(s)://HOST:PORT "
+                         "or a database URL such as postgresql://...)")
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{where}: cannot reach the server ({getattr(err, 'strerror', None) or err})") from None
+    # MLflow logs the creation of a new SQLite store at INFO on stderr; a first run needs no news of it.
+    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        with _store_creation_lock(uri):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except (MlflowException, *_STORE_FAILURES) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__).strip()
+        raise StoreError(f"{where} cannot be used (set tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI): "
+                         f"{first[:300]}") from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -155,7 +156,25 @@ def save_checkpoint(path: Path, method: GenerativeMethod, schedulers: dict[str, 
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint.pt / weights.pt payload (tensors and plain containers only: ``weights_only=True``), or a
+    one-line :class:`benchmark.errors.CheckpointError` for a file that is missing, truncated or not a checkpoint."""
+    from benchmark.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - only torch.load runs here: whatever the unpickler trips on in bytes
+        # that are not a whole checkpoint (RuntimeError for a truncated zip, EOFError, KeyError, UnpicklingError...)
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        # the unpickler's own advice (weights_only=False) does not apply: a checkpoint holds tensors only
+        reason = type(err).__name__ if isinstance(err, pickle.UnpicklingError) or not first else first.split(". ")[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({reason[:160]})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("method"), dict) \
+            or not isinstance(payload.get("config"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this benchmark (no 'method' weights and 'config')")
+    return payload
 
 
 def patience_in_validations(patience_volumes: int, cfg: Config) -> int:

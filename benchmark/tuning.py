@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,27 @@ def default_storage() -> str:
 
 
 def open_storage(url: str) -> Any:
-    """A journal file (safe for several processes on one machine) or an RDB URL (many machines)."""
+    """A journal file (safe for several processes on one machine) or an RDB URL (many machines); a URL that is
+    malformed or unreachable, a driver that is missing or a journal that cannot be written is one line
+    (:class:`benchmark.errors.StoreError`)."""
+    from benchmark.errors import StoreError
+
+    failures: tuple[type[BaseException], ...] = (OSError, ImportError, ValueError)
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failures += (SQLAlchemyError,)
+    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
+        pass
+    try:
+        return _open_storage(url)
+    except failures as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__).strip()
+        shown = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)  # no password in the message
+        raise StoreError(f"Optuna storage {shown!r} cannot be used: {first[:300]}") from None
+
+
+def _open_storage(url: str) -> Any:
     import optuna
 
     if "://" in url:
@@ -185,6 +206,7 @@ def tune_command(cfg: Config, *, trials: int, study: str | None, storage: str | 
 
     storage_url = storage or default_storage()
     name = study or f"{cfg.method}-{cfg.preset}-{digest(replace(cfg, loss=LossConfig()))}"
+    open_storage(storage_url)  # a storage that cannot be used fails here, in one line, before any training
     prepare_stages(cfg, progress=progress)  # heads/prior cached once, before workers race for them
     existing = find_runs("tune", f"tags.optuna_study = '{name}' and tags.kind = 'study'")
     if existing:

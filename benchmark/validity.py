@@ -139,7 +139,9 @@ def corruptions() -> list[Corruption]:
         return tio.RandomBiasField(coefficients=(k, k), order=1)
 
     def motion(level: int) -> Any:
-        d, t = ((3, 3), (8, 8), (16, 16))[level - 1]
+        # translations stay well inside the field of view: torchio simulates motion in k-space, where a shift is
+        # circular, so 8 and 16 voxels on a 32-voxel grid made level 3 *weaker* than level 1 (measured)
+        d, t = ((2, 1), (4, 2), (8, 4))[level - 1]
         return tio.RandomMotion(degrees=(d, d), translation=(t, t), num_transforms=2)
 
     def ghosting(level: int) -> Any:
@@ -158,7 +160,7 @@ def corruptions() -> list[Corruption]:
         Corruption("blur", _torchio(blur), ("sigma 0.5", "sigma 1", "sigma 2")),
         Corruption("noise", _torchio(_noise), ("sd 0.1", "sd 0.25", "sd 0.5")),
         Corruption("bias_field", _torchio(bias), ("coef 0.05", "coef 0.1", "coef 0.2")),
-        Corruption("motion", _torchio(motion), ("3 deg/3 mm", "8/8", "16/16")),
+        Corruption("motion", _torchio(motion), ("2 deg/1 voxel", "4/2", "8/4")),
         Corruption("ghosting", _torchio(ghosting), ("intensity 0.3", "0.6", "1.0")),
         Corruption("spike", _torchio(spike), ("intensity 0.2", "0.5", "1.0")),
         Corruption("elastic", _torchio(elastic), ("1 mm", "2 mm", "4 mm")),
@@ -239,9 +241,11 @@ def run_validity(cfg: Config, stages: Any, progress: bool = True) -> list[dict[s
     bar = tqdm(total=len(families) * len(LEVELS), desc="validity", disable=not progress, leave=False)
     for family in families:
         for level in LEVELS:
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + level)
+            # common random numbers: every level of a family draws the same randomness (motion times, elastic
+            # control points, noise field, which subjects), so levels differ only in dose, not in luck
+            gen = torch.Generator().manual_seed(cfg.train.seed * 1009)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.train.seed * 1009 + level)
+                torch.manual_seed(cfg.train.seed * 1009)
                 xc, cc = family.apply(x, c, level, {"generator": gen, "train": train})
             rows.append({"family": family.family, "level": level, "what": family.levels[level - 1],
                          **scorer.score(xc, cc)})

@@ -7,9 +7,18 @@ per (cohort, split) on the training split, with its own seed, and is used only t
 
 Architecture. :class:`metrics.extractors.MedicalNet18` (Tencent/MedicalNet's ResNet-18 layout: standard 3x3x3
 convs, 7^3 stride-2 stem, max-pool, layers [2, 2, 2, 2], layer3/layer4 dilated at stride 1, shortcut 'A') at a base
-width ``fidnet.width`` (64 = MedicalNet; 8 at the small presets). Features are the global-average-pooled last stage,
-``[N, 8 * width]``. BatchNorm statistics are re-estimated on the clean training volumes after training ("precise
-BN"), and the network is evaluated in eval mode, so a volume's features never depend on its batch mates.
+width ``fidnet.width`` (64 = MedicalNet; 8 at the small presets). BatchNorm statistics are re-estimated on the
+clean training volumes after training ("precise BN"), and the network is evaluated in eval mode, so a volume's
+features never depend on its batch mates.
+
+Features (what FID sees, :meth:`FidNetwork.forward`): the global-average-pooled last stage of the trained network,
+concatenated with the pooled last stage of ``fidnet.n_random`` untrained copies of the same architecture (seeded
+init, precise BN on the training split), each block divided by the square root of its total variance on the
+training split so that every block weighs the same in the Fréchet distance. Why: the trained features see anatomy
+(AD/CN, ROI sizes, blur, bias, collapse) but are blind to low-level artefacts: on the quick cohort their FID *falls*
+under noise, ghosting and spikes. Random-init convolutional features respond to image statistics (Naeem et al.
+2020, "Reliable fidelity and diversity metrics": random embeddings are competitive outside ImageNet), and an
+ensemble of three makes the result independent of one lucky draw (measured: DESIGN §9 "FID network").
 
 Objective (weights in ``fidnet.*``; chosen by measuring feature quality, see DESIGN §9 "FID network"):
 
@@ -51,21 +60,52 @@ class FidNetwork(nn.Module):
         proj_dim: output size of the SimCLR projection head.
     """
 
-    def __init__(self, width: int = 8, shortcut: str = "A", proj_dim: int = 64) -> None:
+    def __init__(self, width: int = 8, shortcut: str = "A", proj_dim: int = 64, n_random: int = 0) -> None:
         super().__init__()
         self.backbone = MedicalNet18(shortcut=shortcut, width=width)
         f = self.backbone.num_features
         self.cls = nn.Linear(f, 2)
         self.reg = nn.Linear(f, N_ROI)
         self.proj = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, min(proj_dim, f)))
+        self.random = nn.ModuleList(MedicalNet18(shortcut=shortcut, width=width) for _ in range(n_random))
+        # 1 / sqrt(total training-split variance) of each feature block (trained first); set by calibrate_blocks
+        self.register_buffer("block_scale", torch.ones(1 + n_random))
         _resnet_init_(self)
 
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features * (1 + len(self.random))
+
     def features(self, x: Tensor) -> Tensor:
-        """Pooled features [N, 8 * width] (what FID sees)."""
+        """Pooled features of the trained backbone [N, 8 * width] (what the training heads see)."""
         return self.backbone(x)
 
+    def blocks(self, x: Tensor) -> list[Tensor]:
+        """Unscaled pooled features of the trained backbone, then of each random copy."""
+        return [self.backbone(x), *(net(x) for net in self.random)]
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone(x)
+        """What FID sees: every block times its scale, concatenated, [N, 8 * width * (1 + n_random)]."""
+        return torch.cat([b * s for b, s in zip(self.blocks(x), self.block_scale, strict=True)], dim=1)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Parameters the objective trains (the random copies stay at their seeded initialisation)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("random.")]
+
+
+@torch.no_grad()
+def calibrate_blocks(net: FidNetwork, x_train: Tensor, batch_size: int) -> None:
+    """Precise BN for the random copies on ``x_train``, then each block's scale = 1 / sqrt(its total variance)."""
+    from models.heads import recalibrate_batchnorm
+
+    for copy in net.random:
+        recalibrate_batchnorm(copy, x_train, batch_size)
+    net.eval()
+    dev = net.block_scale.device
+    parts = [net.blocks(xb.to(dev)) for xb in x_train.split(batch_size)]
+    for i in range(len(net.block_scale)):
+        total_var = torch.cat([p[i] for p in parts]).double().var(dim=0).sum()
+        net.block_scale[i] = float(total_var.clamp_min(1e-12).rsqrt())
 
 
 def _resnet_init_(module: nn.Module) -> None:
@@ -141,7 +181,7 @@ def fit_fid_network(
     n = x_tr.shape[0]
     label = c_tr[:, LABEL_INDEX].round().long()
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(net.trained_parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, sum(1 for b in torch.arange(n).split(batch_size) if len(b) > 1))
     total = max(1, epochs * steps_per_epoch)
     warmup = min(steps_per_epoch, total // 2)
@@ -178,7 +218,7 @@ def fit_fid_network(
             loss = sum(weights[k] * v for k, v in losses.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            nn.utils.clip_grad_norm_(net.trained_parameters(), 5.0)
             opt.step()
             sched.step()
             for k, v in losses.items():
@@ -187,6 +227,7 @@ def fit_fid_network(
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
     recalibrate_batchnorm(net.backbone, x_tr, batch_size)
+    calibrate_blocks(net, x_tr, batch_size)
     net.eval()
     return {"history": history}
 

@@ -57,6 +57,7 @@ transforms every volume D sees, in both steps, as Zhao et al. prescribe (D never
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -70,7 +71,7 @@ from torch.utils.checkpoint import checkpoint
 from benchmark.config import Config, LossConfig
 from benchmark.data.contract import CLINICAL_DIM
 from benchmark.registry import METHODS
-from models.base import GenerativeMethod
+from models.base import LOSS_ADV_G, LOSS_D, GenerativeMethod, frozen
 from models.blocks import (
     GainConv3d,
     ScaledLeakyReLU,
@@ -479,15 +480,6 @@ def build_discriminator(cfg: Config, variant: Variant) -> PatchDiscriminator:
                               cfg.model.disc_conditioning)
 
 
-def _diff_augment(x: Tensor, policy: str) -> Tensor:
-    """DiffAugment (Zhao et al. 2020; paper §2.4 (ii)) with the suite's policy; identity for an empty policy."""
-    if not policy:
-        return x
-    from benchmark.data.augment import diff_augment  # lazy: owned by the data package
-
-    return diff_augment(x, policy)
-
-
 class VAEGANMethod(GenerativeMethod):
     """The clinically conditioned 3-D VAE-GAN; subclasses pick a :class:`Variant` (one per Table 2/4 row).
 
@@ -626,63 +618,57 @@ class VAEGANMethod(GenerativeMethod):
 
         ``step`` seeds the reparameterisation noise (with ``train.seed``), so resumed runs replay it.
 
-        Returns float losses: loss_rec, loss_kl, loss_g_total always; loss_adv_g and loss_d (adversarial rows),
+        Returns float losses: loss_rec, loss_kl, loss_g_total always; loss_adv_g and loss_D (adversarial rows),
         loss_perc (perceptual rows), loss_cls and loss_reg (aux rows) where they apply.
         """
         x = batch["x"]
         n = x.shape[0]
         c = self._cond(batch.get("c"), n)
         v, m = self.variant, self.cfg.model
-        policy = self.cfg.data.diffaug_policy
         if step == 0:
             self._init_output_bias(x)
         if self.G.decoder.template is not None:
             self._update_template(x)
         weights = self._loss_weights(step)
-        if v.adversarial:
-            self.D.requires_grad_(False)  # the G step needs gradients w.r.t. x_hat only
-        try:
-            with self.autocast():
-                mu_q, logvar_q = self.G.encoder(x, c)
-                # Noise as a slice of the global batch's (base.batch_noise): k ranks reproduce one process exactly.
-                k = mu_q.shape[1]
-                eps = self.batch_noise("posterior", n, (k,), step, x.device).to(mu_q.dtype)
-                z = mu_q + torch.exp(0.5 * logvar_q) * eps
-                x_hat = self.G.decoder(z, c)
-                mu_p, logvar_p = self.G.prior_params(c, n, mu_q)
-                terms = {"rec": l1_reconstruction(x_hat, x),
-                         "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p, self.cfg.loss.kl_reduction)}
-                if v.adversarial:
-                    terms["adv"] = gan_g_loss(self.D(_diff_augment(x_hat, policy), c), m.adv_loss)
-                # resnet3d_aux runs the frozen classifier on x_hat, as L_cls does: one pass serves both (exact).
-                shared = (v.perceptual and v.aux and not m.aux_on_prior
-                          and self._perceptual.backbone_name == "resnet3d_aux")
-                fake_maps = self._heads.feature_maps(x_hat) if shared else None
-                if v.perceptual:
-                    terms["perc"] = self._perceptual(x_hat, x, fake_maps=fake_maps)
-                if v.aux:
-                    aux_x, aux_c = x_hat, c
-                    if m.aux_on_prior:
-                        eps_p = self.batch_noise("prior", n, (k,), step, x.device).to(mu_p.dtype)
-                        z_p = mu_p + torch.exp(0.5 * logvar_p) * eps_p
-                        aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c)]), torch.cat([c, c])
-                    aux = self._heads.losses(aux_x, aux_c, classifier_maps=fake_maps)
-                    terms["cls"], terms["reg"] = aux["cls"], aux["reg"]
-                total = weighted_total(terms, weights)
-        finally:
+        # The G step needs gradients w.r.t. x_hat only.
+        with frozen(self.D) if v.adversarial else contextlib.nullcontext(), self.autocast():
+            mu_q, logvar_q = self.G.encoder(x, c)
+            # Noise as a slice of the global batch's (base.batch_noise): k ranks reproduce one process exactly.
+            k = mu_q.shape[1]
+            eps = self.batch_noise("posterior", n, (k,), step, x.device).to(mu_q.dtype)
+            z = mu_q + torch.exp(0.5 * logvar_q) * eps
+            x_hat = self.G.decoder(z, c)
+            mu_p, logvar_p = self.G.prior_params(c, n, mu_q)
+            terms = {"rec": l1_reconstruction(x_hat, x),
+                     "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p, self.cfg.loss.kl_reduction)}
             if v.adversarial:
-                self.D.requires_grad_(True)
+                terms["adv"] = gan_g_loss(self.D(self.augment(x_hat, "aug_g", step), c), m.adv_loss)
+            # resnet3d_aux runs the frozen classifier on x_hat, as L_cls does: one pass serves both (exact).
+            shared = (v.perceptual and v.aux and not m.aux_on_prior
+                      and self._perceptual.backbone_name == "resnet3d_aux")
+            fake_maps = self._heads.feature_maps(x_hat) if shared else None
+            if v.perceptual:
+                terms["perc"] = self._perceptual(x_hat, x, fake_maps=fake_maps)
+            if v.aux:
+                aux_x, aux_c = x_hat, c
+                if m.aux_on_prior:
+                    eps_p = self.batch_noise("prior", n, (k,), step, x.device).to(mu_p.dtype)
+                    z_p = mu_p + torch.exp(0.5 * logvar_p) * eps_p
+                    aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c)]), torch.cat([c, c])
+                aux = self._heads.losses(aux_x, aux_c, classifier_maps=fake_maps)
+                terms["cls"], terms["reg"] = aux["cls"], aux["reg"]
+            total = weighted_total(terms, weights)
         self.optimize("G", total, self.cfg.train.grad_clip)
-        logs = {"loss_" + ("adv_g" if k == "adv" else k): float(t.detach()) for k, t in terms.items()}
+        logs = {(LOSS_ADV_G if k == "adv" else "loss_" + k): float(t.detach()) for k, t in terms.items()}
         logs["loss_g_total"] = float(total.detach())
         if v.adversarial:
             with self.autocast():
                 # One call for real and fake: instance norm has no batch statistics, so this equals two calls.
-                both = _diff_augment(torch.cat([x, x_hat.detach()]), policy)
+                both = torch.cat([self.augment(x, "aug_real", step), self.augment(x_hat.detach(), "aug_fake", step)])
                 scores = self.D(both, None if c is None else torch.cat([c, c]))
                 loss_d = gan_d_loss(scores[:n], scores[n:], m.adv_loss)
             self.optimize("D", loss_d, self.cfg.train.grad_clip)
-            logs["loss_d"] = float(loss_d.detach())
+            logs[LOSS_D] = float(loss_d.detach())
         return logs
 
     @torch.no_grad()

@@ -18,10 +18,13 @@ def test_presets_resolve_and_differ() -> None:
 
 
 def test_overrides_are_type_checked() -> None:
-    cfg = resolve("smoke", overrides=parse_set(["train.lr_g=3e-4", "loss.kl=1", "model.perceptual_backbone=x"]))
+    cfg = resolve("smoke", overrides=parse_set(["train.lr_g=3e-4", "loss.kl=1",
+                                                "model.perceptual_backbone=efficientnet_b0"]))
     assert cfg.train.lr_g == 3e-4
     assert cfg.loss.kl == 1.0 and isinstance(cfg.loss.kl, float)  # int accepted where float expected
-    assert cfg.model.perceptual_backbone == "x"  # bare words are strings
+    assert cfg.model.perceptual_backbone == "efficientnet_b0"  # bare words are strings
+    with pytest.raises(ConfigError, match="model.perceptual_backbone='x': allowed: one of"):
+        resolve("smoke", overrides=parse_set(["model.perceptual_backbone=x"]))  # ... from a choice set
     with pytest.raises(ConfigError, match="expected int"):
         apply_overrides(Config(), {"train.batch_size": 2.5})
     with pytest.raises(ConfigError, match="expected bool"):

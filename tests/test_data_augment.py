@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.data.augment import conventional_transform, diff_augment, rand_translation
+from benchmark.data.augment import conventional_transform, diff_augment, diff_augment_draws, rand_translation
 
 
 def _batch() -> torch.Tensor:
@@ -32,6 +32,18 @@ def test_same_generator_state_same_draw() -> None:
     b = diff_augment(x, generator=torch.Generator().manual_seed(5))
     c = diff_augment(x, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("policy", ["color,translation", "color,translation,cutout"])
+def test_given_draws_augment_each_sample_by_its_row(policy: str) -> None:
+    # How methods split a global batch over ranks: rows 1: of the draws augment samples 1: as in the whole batch.
+    x = _batch()
+    u = torch.rand(3, diff_augment_draws(policy), generator=torch.Generator().manual_seed(2))
+    whole = diff_augment(x, policy, uniforms=u)
+    assert not torch.equal(whole, x)
+    torch.testing.assert_close(diff_augment(x[1:], policy, uniforms=u[1:]), whole[1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="more than"):
+        diff_augment(x, policy, uniforms=u[:, :2])
 
 
 def test_translation_shifts_with_zero_padding() -> None:

@@ -103,11 +103,30 @@ def test_get_fid_network_stage(tmp_path: Path) -> None:
     assert {"digest", "fidnet_test_bac", "fidnet_test_roi_r2", "fidnet_val_bac"} <= set(info)
     x, _ = bundle.tensors("test")
     feats = extractor(x)
-    assert feats.shape == (len(x), 8 * cfg.fidnet.width) and not feats.requires_grad
+    assert feats.shape == (len(x), 8 * cfg.fidnet.width * (1 + cfg.fidnet.n_random)) and not feats.requires_grad
     assert not any(p.requires_grad for p in extractor.module.parameters())
     assert stage_path(cfg, "fidnet", info["digest"]).is_file()
     again, info2 = get_fid_network(cfg, bundle, progress=False)  # from the cache
     assert info2 == info and torch.equal(again(x), feats)
+
+
+def test_random_blocks_stay_untrained_and_weigh_the_same() -> None:
+    """The random copies keep their seeded init through training; each block has unit total variance on train."""
+    train = _volumes(32, 1)
+    torch.manual_seed(0)
+    net = FidNetwork(width=4, n_random=2)
+    init = {k: v.clone() for k, v in net.random.state_dict().items() if "running" not in k and "num_batches" not in k}
+    fit_fid_network(net, train, epochs=2, batch_size=8, lr=3e-3, w_ssl=0.0, seed=5, progress=False)
+    after = net.random.state_dict()
+    assert all(torch.equal(init[k], after[k]) for k in init)
+    with torch.no_grad():
+        feats = net(train[0]).double()
+    assert feats.shape == (32, 3 * 8 * 4)
+    for block in feats.split(8 * 4, dim=1):  # independent of calibrate_blocks: total variance from numpy
+        import numpy as np
+
+        assert np.var(block.numpy(), axis=0, ddof=1).sum() == pytest.approx(1.0, rel=1e-4)
+    assert not torch.equal(feats[:, :32], feats[:, 32:64])  # the copies are different networks
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_minibatch_stddev_groups() -> None:
 def test_shapes(size: int) -> None:
     method = StyleGAN2(_cfg(size))
     z = torch.randn(2, method.cfg.stylegan.z_dim)
-    x, ws = method.G(z, mixing_prob=1.0, return_ws=True)
+    x, ws = method.G(z, return_ws=True, mix=(2, torch.randn_like(z)))
     blocks = int(math.log2(size)) - 1
     assert ws.shape == (2, 3 * blocks - 1, method.cfg.stylegan.w_dim)
     assert x.shape == (2, 1, size, size, size)
@@ -150,4 +151,29 @@ def test_training_step_with_diffaugment() -> None:
     method = StyleGAN2(_cfg(**{"data.diffaug_policy": DataConfig.diffaug_policy}))
     method.setup()
     logs = method.training_step(_batch(), 0)
-    assert {"loss_G", "loss_D", "r1", "pl"} <= set(logs)
+    assert {"loss_adv_g", "loss_D", "r1", "pl"} <= set(logs)
+
+
+def test_resume_with_another_global_rng_state_replays_the_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+    # Regression: z, style mixing and the noise inputs came from the global RNG, so a resumed run whose RNG state is
+    # not the saved one (every rank but 0: the checkpoint holds rank 0's) drew other numbers than the uninterrupted run.
+    import benchmark.train as loop
+
+    cfg = resolve("smoke", "stylegan2", {"train.budget_volumes": 24, "train.device": "cpu"})  # 6 steps, DiffAugment on
+    g = torch.Generator().manual_seed(2)
+    data = [{"x": torch.randn(1, 16, 16, 16, generator=g), "c": torch.zeros(7)} for _ in range(8)]
+
+    def run(run_dir: Path, **kwargs: object) -> dict:
+        torch.manual_seed(0)  # same initial weights
+        source = loop.BatchSource(data, cfg.train.batch_size, cfg.train.seed)
+        loop.train(StyleGAN2(cfg), cfg, source, run_dir, progress=False, **kwargs)
+        return loop.load_checkpoint(run_dir / loop.CHECKPOINT)
+
+    straight = run(tmp_path / "straight")
+    assert run(tmp_path / "resumed", stop_after_volumes=12)["state"]["step"] == 3  # before the lazy path-length step 4
+    monkeypatch.setattr(loop, "_set_rng_state", lambda state: torch.manual_seed(999))
+    resumed = run(tmp_path / "resumed", resume=True)
+    assert straight["state"]["step"] == resumed["state"]["step"] == 6
+    assert straight["method"].keys() == resumed["method"].keys()
+    for key, value in straight["method"].items():
+        assert torch.equal(value, resumed["method"][key]), key

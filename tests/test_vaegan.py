@@ -54,7 +54,8 @@ def _diff_augment(monkeypatch: pytest.MonkeyPatch) -> None:
         import benchmark.data.augment  # noqa: F401
     except ImportError:
         fake = types.ModuleType("benchmark.data.augment")
-        fake.diff_augment = lambda x, policy, generator=None: x  # type: ignore[attr-defined]
+        fake.diff_augment = lambda x, policy, generator=None, uniforms=None: x  # type: ignore[attr-defined]
+        fake.diff_augment_draws = lambda policy: 0  # type: ignore[attr-defined]
         monkeypatch.setitem(sys.modules, "benchmark.data.augment", fake)
     torch.manual_seed(0)
 
@@ -131,7 +132,7 @@ def test_training_step_updates_and_shapes(row: str, size: int) -> None:
     before = {k: p.detach().clone() for k, p in m.named_parameters()}
     logs = m.training_step(batch, 0)
     expected = {"loss_rec", "loss_kl", "loss_g_total"}
-    expected |= {"loss_adv_g", "loss_d"} if v.adversarial else set()
+    expected |= {"loss_adv_g", "loss_D"} if v.adversarial else set()
     expected |= {"loss_perc"} if v.perceptual else set()
     expected |= {"loss_cls", "loss_reg"} if v.aux else set()
     assert set(logs) == expected and all(isinstance(x, float) and x == x for x in logs.values())

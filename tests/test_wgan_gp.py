@@ -105,7 +105,7 @@ def test_one_critic_update_per_call_and_generator_every_n_critic() -> None:
         g_changed = any(not torch.equal(a, p) for a, p in zip(g_before, method.G.parameters(), strict=True))
         d_changes.append(any(not torch.equal(a, p) for a, p in zip(d_before, method.D.parameters(), strict=True)))
         g_updates.append(g_changed)
-        assert g_changed == ("loss_G" in logs)
+        assert g_changed == ("loss_adv_g" in logs)
         assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert g_updates == [False, True, False, True]
     assert all(d_changes)
@@ -131,4 +131,4 @@ def test_training_step_with_diffaugment() -> None:
     method = WGANGP(_cfg(**{"wgan.n_critic": 1, "data.diffaug_policy": DataConfig.diffaug_policy}))
     method.setup()
     logs = method.training_step(_batch(), 0)
-    assert {"loss_D", "gp", "loss_G"} <= set(logs)
+    assert {"loss_D", "gp", "loss_adv_g"} <= set(logs)

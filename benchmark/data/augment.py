@@ -9,6 +9,7 @@ batches alike in every adversarial update. Every op is differentiable w.r.t. x, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -52,29 +53,50 @@ def conventional_transform(p_blur: float, p_noise: float, p_gamma: float):  # no
     return apply
 
 
-def _uniform(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+class _GivenDraws:
+    """Per-sample U(0,1) numbers given up front, [N, K]: each per-sample draw of the ops takes the next column."""
+
+    def __init__(self, uniforms: torch.Tensor) -> None:
+        self.uniforms = uniforms
+        self.taken = 0
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n, k = self.uniforms.shape
+        if shape[0] != n or math.prod(shape) != n:
+            raise ValueError(f"a draw of shape {shape} is not one number per sample of {n}")
+        if self.taken == k:
+            raise ValueError(f"the policy takes more than the {k} draws per sample given")
+        self.taken += 1
+        return self.uniforms[:, self.taken - 1].reshape(shape)
+
+
+Draws = torch.Generator | _GivenDraws | None
+
+
+def _uniform(x: torch.Tensor, shape: tuple[int, ...], generator: Draws) -> torch.Tensor:
     """U(0,1) draws made on the CPU (so a CPU generator serves any device), moved to x's device and dtype."""
-    return torch.rand(shape, generator=generator).to(device=x.device, dtype=x.dtype)
+    u = generator.take(shape) if isinstance(generator, _GivenDraws) else torch.rand(shape, generator=generator)
+    return u.to(device=x.device, dtype=x.dtype)
 
 
-def rand_brightness(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_brightness(x: torch.Tensor, generator: Draws = None) -> torch.Tensor:
     """Add U(-0.5, 0.5) per sample."""
     return x + (_uniform(x, (x.shape[0],) + (1,) * (x.dim() - 1), generator) - 0.5)
 
 
-def rand_saturation(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_saturation(x: torch.Tensor, generator: Draws = None) -> torch.Tensor:
     """Scale the deviation from the channel mean by U(0, 2) per sample (a no-op for one channel, as in Zhao)."""
     mean = x.mean(dim=1, keepdim=True)
     return (x - mean) * (_uniform(x, (x.shape[0],) + (1,) * (x.dim() - 1), generator) * 2.0) + mean
 
 
-def rand_contrast(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_contrast(x: torch.Tensor, generator: Draws = None) -> torch.Tensor:
     """Scale around the per-sample mean by U(0.5, 1.5)."""
     mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
     return (x - mean) * (_uniform(x, (x.shape[0],) + (1,) * (x.dim() - 1), generator) + 0.5) + mean
 
 
-def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: Draws = None) -> torch.Tensor:
     """Shift each sample by up to `ratio` of each spatial size, zero padded (index gather: exact and differentiable)."""
     n = x.shape[0]
     out = x
@@ -94,7 +116,7 @@ def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Gen
     return out
 
 
-def rand_cutout(x: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_cutout(x: torch.Tensor, ratio: float = 0.5, generator: Draws = None) -> torch.Tensor:
     """Zero one random box of `ratio` times each spatial size per sample."""
     n, spatial = x.shape[0], x.shape[2:]
     mask = torch.ones((n, 1, *spatial), device=x.device, dtype=x.dtype)
@@ -116,8 +138,29 @@ AUGMENTS: dict[str, list[Callable[..., torch.Tensor]]] = {
 }
 
 
+# Per-sample U(0,1) numbers each op takes at most (translation and cutout: one per spatial axis).
+_DRAWS = {rand_brightness: 1, rand_saturation: 1, rand_contrast: 1, rand_translation: 3, rand_cutout: 3}
+
+
+def _policy_ops(policy: str) -> list[Callable[..., torch.Tensor]]:
+    ops = []
+    for name in filter(None, (p.strip() for p in policy.split(","))):
+        if name not in AUGMENTS:
+            raise ValueError(f"unknown DiffAugment policy {name!r}; known: {', '.join(AUGMENTS)}")
+        ops += AUGMENTS[name]
+    return ops
+
+
+def diff_augment_draws(policy: str) -> int:
+    """The per-sample U(0,1) numbers ``diff_augment`` takes under ``policy`` at most: the K of its ``uniforms``."""
+    return sum(_DRAWS[op] for op in _policy_ops(policy))
+
+
 def diff_augment(
-    x: torch.Tensor, policy: str = "color,translation", generator: torch.Generator | None = None
+    x: torch.Tensor,
+    policy: str = "color,translation",
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DiffAugment in 3-D on [N,C,D,H,W]: same shape out, differentiable w.r.t. x.
 
@@ -125,14 +168,15 @@ def diff_augment(
         x: batch [N,C,D,H,W].
         policy: comma-separated subset of "color", "translation", "cutout"; "" is the identity.
         generator: CPU torch.Generator; the same generator state gives the same draws (on any device).
+        uniforms: the draws given instead, U(0,1) [N, diff_augment_draws(policy)], column j for the j-th per-sample
+            draw: sample i is augmented by row i alone, so a slice of a larger batch's rows augments that slice
+            exactly as the larger batch would (how methods split a global batch over ranks).
     """
     if x.dim() != 5:
         raise ValueError(f"diff_augment expects [N,C,D,H,W], got shape {tuple(x.shape)}")
-    for name in filter(None, (p.strip() for p in policy.split(","))):
-        if name not in AUGMENTS:
-            raise ValueError(f"unknown DiffAugment policy {name!r}; known: {', '.join(AUGMENTS)}")
-        for op in AUGMENTS[name]:
-            x = op(x, generator=generator)
+    draws: Draws = generator if uniforms is None else _GivenDraws(uniforms)
+    for op in _policy_ops(policy):
+        x = op(x, generator=draws)
     return x.contiguous()
 
 
