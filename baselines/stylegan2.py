@@ -38,6 +38,11 @@ Choices where 2-D StyleGAN2 does not carry over or the papers are silent:
   Table 3's 7M: at 128^3, fmaps 1, z = w = 256, that is G 3.56M (mapping 0.53M + synthesis 3.04M) + D 3.74M =
   7.31M parameters.
 - No truncation, no w_avg tracking, no conv clamping, no fp16 (AMP follows ``self.autocast()``).
+- Output scale: every toRGB's weight gain is ``TORGB_OUTPUT_SCALE`` (0.25, StyleGAN3's ``output_scale``) times
+  StyleGAN2's 1 / sqrt(fan_in); the 4^3 toRGB's bias is set to the data's mean on the first step (data-dependent
+  init, as for every method). With StyleGAN2's gain alone the summed skip outputs start at std ~0.7-1.5 with heavy
+  tails (styles ~1 + N(0, 1) times lrelu activations): at 16^3 the first samples spanned [-7.9, 1.9] around the
+  data's mean of -3.5, for data in [-5.1, 1.9] (DESIGN §9).
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ _CHANNEL_BASE = 2048
 _CHANNEL_MAX = 128
 _MIN_CHANNELS = 4
 _SQRT2 = math.sqrt(2.0)
+# Scale of every toRGB output (not of the 4^3 toRGB's bias, which the data-dependent init sets in data units):
+# StyleGAN3's ``output_scale`` (NVlabs/stylegan3, SynthesisNetwork); StyleGAN2-ADA has none (DESIGN §9).
+TORGB_OUTPUT_SCALE = 0.25
 
 
 def _channels(resolution: int, fmaps: float) -> int:
@@ -144,8 +152,9 @@ class ModulatedLayer(nn.Module):
         self.up = up
         self.demodulate = demodulate
         self.activation = activation
-        # Demodulation normalises the weights anyway; without it (toRGB) the he-constant goes into the styles.
-        self.style_gain = 1.0 if demodulate else 1 / math.sqrt(in_ch * kernel**3)
+        # Demodulation normalises the weights anyway; without it (toRGB) the he-constant goes into the styles, times
+        # the output scale (StyleGAN2's toRGB weight_gain is 1 / sqrt(fan_in) alone).
+        self.style_gain = 1.0 if demodulate else TORGB_OUTPUT_SCALE / math.sqrt(in_ch * kernel**3)
 
     def modulated_conv(self, x: Tensor, w: Tensor) -> Tensor:
         """Pre-activation output: x [N, Cin, r^3], w [N, w_dim] -> [N, Cout, r'^3] (r' = 2r when ``up``)."""
@@ -451,7 +460,8 @@ class StyleGAN2(GenerativeMethod):
         """Data-dependent init on the first step: the lowest-resolution toRGB bias := the data's mean intensity.
 
         The skip architecture sums every resolution's toRGB output, upsampled; the 4^3 one's bias is a constant
-        offset of the whole volume. Volumes are z-scored inside the brain (mean about -3, background -4.6).
+        offset of the whole volume. Volumes are z-scored inside the brain (mean about -3, background -4.6). The
+        spread around that offset is :data:`TORGB_OUTPUT_SCALE`'s business (samples then start in the data's range).
         """
         from benchmark.dist import all_reduce_mean
 

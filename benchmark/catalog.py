@@ -1,4 +1,5 @@
-"""Imports every module that registers methods, metrics, suites and presets (explicit, not at package import)."""
+"""Imports every module that registers methods, metrics, suites and presets (explicit, not at package import), then
+the plugins (installed ``brainmri.methods`` entry points and ``BENCHMARK_PLUGINS``; benchmark/plugins.py)."""
 
 from __future__ import annotations
 
@@ -16,5 +17,8 @@ REGISTERING_MODULES = (
 
 
 def load_all() -> None:
+    from benchmark.plugins import load_plugins
+
     for name in REGISTERING_MODULES:
         importlib.import_module(name)
+    load_plugins()

@@ -48,6 +48,7 @@ def _positive_float(text: str) -> float:
 
 
 def _config_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+    _plugin_arg(p)
     p.add_argument("--preset", default=None, choices=list(PRESET_OVERRIDES),
                    help="size/budget preset (default smoke for train, quick for run)")
     if method:
@@ -62,10 +63,28 @@ def _config_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module or .py file that registers methods (repeatable; also BENCHMARK_PLUGINS, "
+                        "and installed `brainmri.methods` entry points); see docs/METHODS.md")
+
+
+def load_methods(method: str | None = None) -> None:
+    """Register every built-in method and every plugin's (``--plugin`` is in ``BENCHMARK_PLUGINS`` by now); a plugin
+    that fails to import or clashes, or an unknown ``method``, is a one-line error before any work."""
+    from benchmark.catalog import load_all
+    from benchmark.registry import METHODS
+
+    load_all()
+    if method is not None:
+        METHODS.get(method)
+
+
 def config_from_args(args: argparse.Namespace, default_preset: str = "smoke",
-                     methods: Sequence[str] | None = None) -> Config:
-    """The resolved, validated config; ``methods`` must all take ``data.size`` (default: the config's method)."""
-    overrides = parse_set(args.overrides)
+                     methods: Sequence[str] | None = None, suite_overrides: dict[str, Any] | None = None) -> Config:
+    """The resolved, validated config; ``methods`` must all take ``data.size`` (default: the config's method).
+    ``suite_overrides`` (a suite file's [config]) act after ``--config`` and before ``--set``."""
+    overrides = {**(suite_overrides or {}), **parse_set(args.overrides)}
     if getattr(args, "data", None):
         overrides["data.path"] = str(Path(args.data).resolve())
     if getattr(args, "seed", None) is not None:
@@ -96,14 +115,15 @@ def _dry_run(cfg: Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from benchmark.catalog import load_all
+    from benchmark.plugins import plugin_of
     from benchmark.registry import METHODS, METRICS, PRESETS, SUITES
 
-    load_all()
+    load_methods()
     for registry in (METHODS, METRICS, SUITES, PRESETS):
         print(f"{registry.kind}s:")
         for name, doc in registry.summary():
-            print(f"  {name:<22} {doc}")
+            plugin = plugin_of(name) if registry is METHODS else None
+            print(f"  {name:<22} {doc}" + (f" [plugin {plugin.source}]" if plugin else ""))
     return 0
 
 
@@ -124,20 +144,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.config import check_size
-
-    cfg = config_from_args(args, default_preset="quick", methods=())  # field errors first, before heavy imports
     from benchmark import suites
+    from benchmark.config import check_size
+    from benchmark.registry import SUITES
 
-    check_size(cfg.data.size, suites.suite_methods(args.suite))  # every row of the suite must take data.size
+    top = suites.load_suite_file(args.suite_file) if args.suite_file else SUITES.get(args.suite)
+    # field errors first, before heavy imports; the suite's [config] sits between --config and --set
+    cfg = config_from_args(args, default_preset="quick", methods=(),
+                           suite_overrides=suites.suite_overrides(suites.members(top)))
+    load_methods()  # plugins register their methods before the rows are checked
+    selected = suites.select_suites(top, methods=args.methods)
+    check_size(cfg.data.size, suites.suite_methods(selected))  # every row of the suite must take data.size
     if args.dry_run:
+        for suite in selected:
+            print(f"# suite {suite.name}: references {', '.join(suite.references) or '-'}; methods "
+                  f"{', '.join(suite.methods) or '-'}")
         return _dry_run(cfg)
     from benchmark.runner import RUNS_DIR
 
     _check_outputs(cfg, ("runs folder", RUNS_DIR))
     _check_store()
-    return suites.run_suite(args.suite, cfg, seeds=args.seeds, progress=not args.no_progress,
-                            fresh=args.fresh)
+    return suites.run_suite(selected, cfg, seeds=args.seeds, progress=not args.no_progress, fresh=args.fresh)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -184,6 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from benchmark.config import check_size
 
     cfg = config_from_args(args)
+    load_methods()
     if args.size is not None:
         check_size(args.size, (cfg.method,), key="--size")
     from benchmark import bench
@@ -197,6 +225,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.dry_run:
         return _dry_run(cfg)
+    load_methods(cfg.method)  # not inside a trial, where Optuna would record it as a failed trial
     from benchmark import tuning
     from benchmark.runner import RUNS_DIR
 
@@ -231,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered methods, metrics, suites and presets")
+    _plugin_arg(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("train", help="train one method, one seed (resumable)")
@@ -242,9 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run a suite (train + evaluate every method, log to MLflow, print tables)")
-    p.add_argument("--suite", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--suite", help="a registered suite (see `list`)")
+    g.add_argument("--suite-file", type=Path, metavar="FILE.toml",
+                   help="a suite defined in a TOML file (benchmark/suite_files/table3.toml explains the keys)")
+    p.add_argument("--methods", default=None, metavar="[+|-]NAME,...",
+                   help="edit the suite's rows: +NAME adds, -NAME removes; bare names replace the trained rows")
     _config_args(p, method=False)
-    p.add_argument("--seeds", type=int_at_least(1), default=1, help="independent trainings per method")
+    p.add_argument("--seeds", type=int_at_least(1), default=None,
+                   help="independent trainings per method (default: the suite's `seeds`, else 1)")
     p.add_argument("--fresh", action="store_true", help="retrain even when finished child runs exist")
     p.set_defaults(func=cmd_run)
 
@@ -255,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, help="comma-separated metric names (default: all for the method)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
+    _plugin_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="synthesise T1 volumes for clinical vectors (paper Algorithm 3)")
     from benchmark.generate import add_arguments
 
     add_arguments(p)
+    _plugin_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("report", help="rebuild a suite's tables from the MLflow store alone")
@@ -332,7 +370,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None, *, handler: Callable[[argparse.Namespace], int] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_signed_values(list(sys.argv[1:] if argv is None else argv)))
+    if getattr(args, "plugin", None):
+        from benchmark.plugins import add_to_env
+
+        add_to_env(args.plugin)  # loaded with the built-in methods, here and in every process the command starts
     try:
         return (handler or args.func)(args)
     except _user_errors() as err:
@@ -341,6 +383,17 @@ def main(argv: Sequence[str] | None = None, *, handler: Callable[[argparse.Names
     except KeyboardInterrupt:
         print("interrupted: a resumable checkpoint was written (rerun with --resume)", file=sys.stderr)
         return 130
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    """``--methods -vae`` as ``--methods=-vae``: argparse would take a value that starts with "-" for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--methods" and arg.startswith("-"):
+            out[-1] = f"--methods={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _one_line(err: Any) -> str:

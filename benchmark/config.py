@@ -355,6 +355,11 @@ def _smoke() -> dict[str, Any]:
         "data.synth_n": 24, "data.size": 16,
         "model.width": 0.125, "model.latent_dim": 32, "model.clinical_embed_dim": 16, "model.style_dim": 32,
         "model.disc_width": 0.125, "model.perceptual_backbone": "resnet3d_aux", "model.perceptual_slices": 4,
+        # --- generator sanity (issue 15): the decoder predicts a residual from the running mean volume, as at quick:
+        # drawing the shared anatomy from the constant input takes the paper's decoder hundreds of steps (DESIGN §9
+        # "Decoder learning speed"); `paper` keeps the paper's decoder.
+        "model.output_template": True,
+        # ---
         "train.budget_volumes": 96, "train.batch_size": 4, "train.val_every_volumes": 48,
         "train.checkpoint_every_volumes": 48, "train.plateau_patience_volumes": 96,
         "train.early_stop_patience_volumes": 0,

@@ -105,9 +105,19 @@ def clinical_vectors(n: int, fixed_raw: dict[int, float], normalizer: Any, prior
     return c, "partial" if fixed_raw else "stochastic"
 
 
-def generate_command(args: argparse.Namespace) -> int:
+def sample_volumes(method: Any, n: int, c: Tensor | None, seed: int, batch_size: int) -> Tensor:
+    """``n`` volumes [n,1,S,S,S] on the CPU, drawn in chunks of ``batch_size`` from one generator seeded ``seed + 1``
+    (``seed`` itself draws the prior's vectors); ``c`` [n,7] standardised for conditional methods. The logged pyfunc
+    model (benchmark/generator_model.py) samples through this too, so both give the same volumes."""
     import torch
 
+    gen = torch.Generator().manual_seed(seed + 1)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    chunks = list(c.split(batch_size)) if c is not None else [None] * len(sizes)
+    return torch.cat([method.sample(k, chunk, generator=gen).cpu() for k, chunk in zip(sizes, chunks, strict=True)])
+
+
+def generate_command(args: argparse.Namespace) -> int:
     from benchmark.errors import UsageError, check_writable_dir
     from benchmark.figures import triplanar_grid
     from benchmark.runner import load_trained
@@ -127,9 +137,7 @@ def generate_command(args: argparse.Namespace) -> int:
     train_raw = np.asarray(stages.bundle.raw_clinical("train"))
     fixed = requested_values(args, train_raw, args.allow_extrapolation)
     c, mode = clinical_vectors(args.n, fixed, stages.bundle.normalizer, stages.prior, args.seed, args.sampler)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    volumes = torch.cat([method.sample(len(chunk), chunk if method.conditional else None, generator=gen).cpu()
-                         for chunk in c.split(cfg.eval.batch_size)])
+    volumes = sample_volumes(method, len(c), c if method.conditional else None, args.seed, cfg.eval.batch_size)
     affine = _preprocessed_affine(stages.bundle)
     raw = np.asarray(stages.bundle.normalizer.inverse(c))
     out: Path = args.out

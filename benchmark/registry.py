@@ -15,8 +15,9 @@ class UnknownEntry(LookupError):
 class Registry(Generic[T]):
     """A small ordered name -> entry map whose entries document themselves by their docstring."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, hint: str = "") -> None:
         self.kind = kind
+        self.hint = hint  # appended to the message for an unknown name
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -35,7 +36,8 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownEntry(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}") from None
+            raise UnknownEntry(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}"
+                               + (f" ({self.hint})" if self.hint else "")) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -56,7 +58,8 @@ class Registry(Generic[T]):
         return out
 
 
-METHODS: Registry[Any] = Registry("method")
+METHODS: Registry[Any] = Registry("method", hint="a method from outside this repository needs --plugin MODULE_OR_FILE, "
+                                            "BENCHMARK_PLUGINS or an installed brainmri.methods entry point")
 METRICS: Registry[Any] = Registry("metric")
 SUITES: Registry[Any] = Registry("suite")
 PRESETS: Registry[Any] = Registry("preset")

@@ -10,7 +10,7 @@ import csv
 import io
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,15 @@ class Column:
     lower_is_better: bool = True
     tag: bool = False  # the cell is a tag of the run (text), not a metric
     alternatives: tuple[str, ...] = ()  # other metric names of the same quantity (e.g. the offline LPIPS variant)
+    metric: str = ""  # the registered metric that produces it (default: ``key``), as a suite file's `metrics` names it
+
+    @property
+    def source(self) -> str:
+        return self.metric or self.key
 
 
 IMAGE_COLUMNS = (
-    Column("#Params (M)", "params_total", 1e-6, 1),
+    Column("#Params (M)", "params_total", 1e-6, 1, metric="params"),
     Column("FID", "fid_resnet18", 1.0, 2),
     Column("FID (cls)", "fid_resnet18sep", 1.0, 2),
     Column("SSIM", "ssim_triplanar", 1.0, 3, lower_is_better=False),
@@ -47,21 +52,38 @@ ALPHA = 0.05
 CLINICAL_COLUMNS = (
     Column("BAC (%)", "bac", 100.0, 1, lower_is_better=False),
     Column("ROI MSE (x1e-5)", "roi_mse", 1e5, 2),
-    Column("hippocampus r", "volume_hippocampus_r", 1.0, 2, lower_is_better=False),
-    Column("amygdala r", "volume_amygdala_r", 1.0, 2, lower_is_better=False),
-    Column("ventricle r", "volume_lateral_ventricle_r", 1.0, 2, lower_is_better=False),
+    Column("hippocampus r", "volume_hippocampus_r", 1.0, 2, lower_is_better=False, metric="volume_consistency"),
+    Column("amygdala r", "volume_amygdala_r", 1.0, 2, lower_is_better=False, metric="volume_consistency"),
+    Column("ventricle r", "volume_lateral_ventricle_r", 1.0, 2, lower_is_better=False, metric="volume_consistency"),
 )
+UTILITY_STEP = "utility"  # the utility step's own columns (not a registered metric): shown by every utility suite
 UTILITY_COLUMNS = (
-    Column("Synthetic labels", "utility_labels", tag=True),
-    Column("BAC real (%)", "utility_real_bac", 100.0, 1, lower_is_better=False),
-    Column("BAC real+syn (%)", "utility_mixed_bac", 100.0, 1, lower_is_better=False),
-    Column("BAC syn only (%)", "utility_synth_bac", 100.0, 1, lower_is_better=False),
-    Column("NN ratio (feat.)", "nn_ratio_median", 1.0, 2, lower_is_better=False),
-    Column("NN ratio real ref.", "nn_ratio_ref_median", 1.0, 2, lower_is_better=False),
-    Column("frac < 0.5", "nn_ratio_frac_below", 1.0, 2),
-    Column("NN ratio (SSIM)", "nn_ratio_ssim_median", 1.0, 2, lower_is_better=False),
+    Column("Synthetic labels", "utility_labels", tag=True, metric=UTILITY_STEP),
+    Column("BAC real (%)", "utility_real_bac", 100.0, 1, lower_is_better=False, metric=UTILITY_STEP),
+    Column("BAC real+syn (%)", "utility_mixed_bac", 100.0, 1, lower_is_better=False, metric=UTILITY_STEP),
+    Column("BAC syn only (%)", "utility_synth_bac", 100.0, 1, lower_is_better=False, metric=UTILITY_STEP),
+    Column("NN ratio (feat.)", "nn_ratio_median", 1.0, 2, lower_is_better=False, metric="nn_ratio"),
+    Column("NN ratio real ref.", "nn_ratio_ref_median", 1.0, 2, lower_is_better=False, metric="nn_ratio"),
+    Column("frac < 0.5", "nn_ratio_frac_below", 1.0, 2, metric="nn_ratio"),
+    Column("NN ratio (SSIM)", "nn_ratio_ssim_median", 1.0, 2, lower_is_better=False, metric="nn_ratio"),
 )
 PRIOR_COLUMNS = ("mmd", "c2st_accuracy", "correlation_error")
+
+
+def column_metrics() -> tuple[str, ...]:
+    """The registered metrics that have table columns: what a suite file's ``metrics`` may list."""
+    cols = (*IMAGE_COLUMNS, *CLINICAL_COLUMNS, *UTILITY_COLUMNS)
+    return tuple(dict.fromkeys(c.source for c in cols if c.source != UTILITY_STEP))
+
+
+def table_columns(suite: Any) -> tuple[Column, ...]:
+    """The columns of a suite's table: those of its ``metrics`` (the utility step's own columns in a utility suite);
+    a suite that names no metrics gets Table 4's columns with a real row, the image columns otherwise."""
+    if suite.utility:
+        return tuple(c for c in UTILITY_COLUMNS if c.source == UTILITY_STEP or c.source in suite.metrics)
+    if not suite.metrics:
+        return CLINICAL_COLUMNS if suite.real_row else IMAGE_COLUMNS
+    return tuple(c for c in (*IMAGE_COLUMNS, *CLINICAL_COLUMNS) if c.source in suite.metrics)
 
 
 def _resolve_key(metrics: dict[str, float], col: Column | str) -> str | None:
@@ -184,12 +206,37 @@ def latest_parent(suite: str, experiment: str | None = None, settings: TrackingS
     return finished[0]
 
 
-def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord]) -> tuple[list[str], list[list[str]],
-                                                                                         str]:
+def suite_as_run(suite: Any, parent: RunRecord | None) -> Any:
+    """The suite a parent run ran: a registered suite (or a name) with the rows, columns and steps that the parent
+    logged (after ``--methods``, or from a suite file); a suite that is not registered is rebuilt from them alone."""
     from benchmark.registry import SUITES
-    from benchmark.suites import Suite  # noqa: F401 - registers the suites
+    from benchmark.suites import Suite
 
-    suite = SUITES.get(suite_name)
+    params = parent.params if parent is not None else {}
+    if isinstance(suite, str):
+        if suite not in SUITES and "methods" not in params:
+            SUITES.get(suite)  # UnknownEntry, listing the registered suites
+        suite = SUITES.get(suite) if suite in SUITES else Suite(suite, params.get("title", suite), (), ())
+    if "methods" not in params:  # a parent from before suites were logged with their rows
+        return suite
+
+    def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n for n in params[key].split(",") if n) if key in params else default
+
+    steps = names("steps", tuple(name for name, flag in (("real_row", "real_row"), ("prior", "prior_eval"),
+                                                         ("utility", "utility"), ("validity", "validity"))
+                                 if getattr(suite, flag)))
+    return replace(suite, methods=names("methods", suite.methods), references=names("references", suite.references),
+                   metrics=names("metrics", suite.metrics), title=params.get("title", suite.title),
+                   real_row="real_row" in steps, prior_eval="prior" in steps, utility="utility" in steps,
+                   validity="validity" in steps)
+
+
+def table_rows(suite: Any, parent: RunRecord | None, kids: list[RunRecord]) -> tuple[list[str], list[list[str]],
+                                                                                   str]:
+    """Header, rows and note of a suite's table (``suite``: a Suite as run, or a name resolved from the parent)."""
+    if isinstance(suite, str):
+        suite = suite_as_run(suite, parent)
     if suite.prior_eval:
         header = ["Metric", "Value"]
         rows = [[k.removeprefix("prior."), f"{v:.4f}"] for k, v in sorted((parent.metrics if parent else {}).items())
@@ -208,7 +255,7 @@ def table_rows(suite_name: str, parent: RunRecord | None, kids: list[RunRecord])
                               "frozen heads vs the set's own labels/ratios; nn_ratio: median nearest-train / "
                               "nearest-test feature distance (below the clean value = closer to training subjects). "
                               "Levels are listed in validity.csv.")
-    columns = UTILITY_COLUMNS if suite.utility else CLINICAL_COLUMNS if suite.real_row else IMAGE_COLUMNS
+    columns = table_columns(suite)
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
     for r in kids:
         by_method[r.tags.get("method", r.name)].append(r)
@@ -311,27 +358,33 @@ def _tex(text: str) -> str:
             .replace("#", r"\#").replace("±", r"$\pm$"))
 
 
-def render_suite(suite: str, fmt: str = "md", parent_run_id: str | None = None,
+def render_suite(suite: Any, fmt: str = "md", parent_run_id: str | None = None,
                  settings: TrackingSettings | None = None, experiment: str | None = None) -> str:
+    """A suite's table from the store: ``suite`` is a name (its latest finished parent run, or ``parent_run_id``)
+    or the Suite a run has just run."""
+    import benchmark.suites  # noqa: F401 - registers the built-in suites
     from benchmark.registry import SUITES
 
-    if suite == "all":
-        from benchmark.suites import ALL
-
-        return "\n".join(render_suite(s, fmt, None, settings) for s in ALL)
-    experiment = experiment or suite
+    name = suite if isinstance(suite, str) else suite.name
+    if isinstance(suite, str) and suite in SUITES and getattr(SUITES.get(suite), "suites", ()):  # a composite
+        return "\n".join(render_suite(s, fmt, None, settings) for s in SUITES.get(suite).suites)
+    experiment = experiment or name
     if parent_run_id is None:
-        parent = latest_parent(suite, experiment, settings)
+        if isinstance(suite, str) and suite not in SUITES and not find_runs(
+                experiment, f"tags.suite = '{suite}' and tags.kind = 'suite'", settings=settings):
+            SUITES.get(suite)  # neither registered nor run from a suite file: UnknownEntry lists the valid ones
+        parent = latest_parent(name, experiment, settings)
     else:
         parent = next((r for r in find_runs(experiment, "", settings=settings) if r.run_id == parent_run_id), None)
         if parent is None:
             from benchmark.errors import StoreError
 
             uri = (settings or TrackingSettings.load()).tracking_uri
-            raise StoreError(f"run id {parent_run_id!r}: no `{suite}` run with this id in the MLflow store {uri}")
+            raise StoreError(f"run id {parent_run_id!r}: no `{name}` run with this id in the MLflow store {uri}")
     kids = children(parent.run_id, experiment, settings)
+    suite = suite_as_run(suite, parent) if isinstance(suite, str) else suite
     header, rows, note = table_rows(suite, parent, kids)
-    return render(header, rows, note, fmt, SUITES.get(suite).title)
+    return render(header, rows, note, fmt, suite.title)
 
 
 def report_command(suite: str, fmt: str, run_id: str | None = None) -> str:

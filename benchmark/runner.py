@@ -20,6 +20,7 @@ import torch
 from benchmark import dist
 from benchmark.config import Config, digest, flatten, to_json
 from benchmark.data.bundle import DataBundle, load_bundle
+from benchmark.plugins import plugin_tags
 from benchmark.registry import METHODS
 from benchmark.tracking import Tracker
 
@@ -190,13 +191,16 @@ def run_method(
     setup = prepare_training(cfg, stages)
     method = setup.method
     tags = {**stages.tags, "method": cfg.method, "config_digest": run_digest(cfg), "seed": str(cfg.train.seed),
-            "perceptual_backbone": perceptual_backbone(cfg, method)}
+            "perceptual_backbone": perceptual_backbone(cfg, method), **plugin_tags(cfg.method)}
     if dist.is_main():
         tracker.log_params(flatten(cfg))
         tracker.set_tags(tags)
         tracker.log_metrics(stage_metrics(stages))
         (run_dir / "config.json").write_text(to_json(cfg) + "\n")
         stages.bundle.split.save(run_dir / "split.json")
+        bundle = stages.bundle  # the runs table's Dataset column: which cohort and split this run saw
+        tracker.log_dataset(bundle.split_table(), name=bundle.source, source=str(bundle.cohort.root.resolve()),
+                            digest=bundle.fingerprint)
     if not getattr(method, "needs_training", True):
         # A reference row (baselines/references.py): no training, the same evaluation as every method.
         method.fit(stages.bundle)
@@ -283,6 +287,26 @@ def _log_artifacts(ctx: Any, tracker: Tracker, run_dir: Path, cfg: Config) -> No
                 "prior": ctx.prior.state_dict()}, tmp)
     os.replace(tmp, weights)
     tracker.log_artifact(weights, "weights")
+    if getattr(ctx.method, "needs_training", True):  # reference rows are the training data, not a model
+        _log_generator_model(ctx, tracker, cfg)
+
+
+def _log_generator_model(ctx: Any, tracker: Tracker, cfg: Config) -> None:
+    """The generator as an MLflow pyfunc model (``runs:/<id>/generator``; benchmark/generator_model.py). A method
+    that cannot be saved whole (e.g. a plugin holding an unpicklable object) keeps its run: the reason is a tag."""
+    import tempfile
+
+    from benchmark.generator_model import save_generator, signature_spec
+    from benchmark.tracking import log_generator_model
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="bm-generator-") as tmp:
+            data = save_generator(ctx.method, ctx.bundle.normalizer, cfg.eval.batch_size, Path(tmp) / "data")
+            log_generator_model(tracker, data, signature_spec(ctx.method))
+    except Exception as err:  # noqa: BLE001 - the weights artifact above still serves generate/evaluate
+        reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:500]
+        tracker.set_tags({"generator_model_error": reason})
+        print(f"{cfg.method}: the generator was not logged as an MLflow model ({reason})", file=sys.stderr)
 
 
 def load_trained(checkpoint: Path, overrides: dict[str, Any] | None = None) -> tuple[Config, Any, SharedStages]:

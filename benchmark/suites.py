@@ -1,70 +1,305 @@
-"""Suites as pure data (which methods x which metrics), and the driver that runs one under a parent MLflow run.
+"""Suites as data files (which methods x which metrics), and the driver that runs one under a parent MLflow run.
 
-Shared stages (data, heads, prior, real feature statistics) are computed once; each method x seed is a child run;
-a finished child with the same config digest is reused, an unfinished one resumes from its checkpoint; a failing
-method is recorded as failed and the others go on (non-zero exit at the end, with a summary).
+Every built-in suite is a TOML file in ``benchmark/suite_files/`` (``table3.toml`` explains every key), loaded by
+:func:`load_suite_file` as ``run --suite-file my.toml`` loads a user's; ``run --methods +mine,-vae`` edits the rows
+(:func:`edit_rows`). Shared stages (data, heads, prior, real feature statistics) are computed once; each method x
+seed is a child run; a finished child with the same config digest is reused, an unfinished one resumes from its
+checkpoint; a failing method is recorded as failed and the others go on (non-zero exit at the end, with a summary).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import tomllib
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import Config
-from benchmark.evaluation import CLINICAL_METRICS, TABLE_METRICS
+from benchmark.config import Config, flatten
+from benchmark.errors import UsageError
 from benchmark.registry import SUITES
 
 
 @dataclass(frozen=True)
 class Suite:
-    """A table of the paper: rows are methods, columns metrics."""
+    """A table of the paper: rows are methods, columns metrics (one TOML file; see suite_files/table3.toml)."""
 
     name: str
     title: str
     methods: tuple[str, ...]
-    metrics: tuple[str, ...]
+    metrics: tuple[str, ...]  # the columns shown; every row is evaluated on every metric that applies to it
     real_row: bool = False  # Table 4's "Real" column: the frozen heads on the test split
     prior_eval: bool = False  # evaluate the diffusion prior (paper §3.4, Fig. 5)
     utility: bool = False  # downstream classifiers and memorization per generator (issue #10)
     # Training-free rows scored by the same protocol (baselines/references.py): the floor and trivial answers.
     references: tuple[str, ...] = ()
     validity: bool = False  # real volumes under graded corruptions (benchmark/validity.py)
+    description: str = ""
+    seeds: int | None = None  # independent trainings per method when --seeds is not given
+    config: tuple[tuple[str, Any], ...] = ()  # dotted-key overrides for every row (--set wins)
+    suites: tuple[str, ...] = ()  # a composite (`all`): the suites it runs in turn
+    source: str = field(default="", compare=False)  # the file it was read from
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The extra steps, by their names in a suite file (``STEPS``)."""
+        return tuple(name for name, flag in _STEP_FLAGS.items() if getattr(self, flag))
 
 
-def _suite(name: str, title: str, methods: tuple[str, ...], metrics: tuple[str, ...], **kw: Any) -> Suite:
-    suite = Suite(name, title, methods, metrics, **kw)
-    SUITES.add(name, suite)
-    return suite
+# A suite file's `steps` entries and the Suite field each one sets.
+_STEP_FLAGS = {"utility": "utility", "real_row": "real_row", "prior": "prior_eval", "validity": "validity"}
+_FILE_KEYS = ("name", "title", "description", "references", "methods", "metrics", "steps", "seeds", "suites",
+              "config")
+BUILTIN_DIR = "suite_files"
+BUILTIN = ("table2", "table3", "table4", "prior", "utility", "validity", "all")
 
 
-IMAGE_REFERENCES = ("real", "train_copy", "mean_volume")
-TABLE2 = _suite("table2", "Table 2: ablations of the 3D VAE-GAN (#params, FID, SSIM, LPIPS)",
-                ("vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"), TABLE_METRICS, references=IMAGE_REFERENCES)
-TABLE3 = _suite("table3", "Table 3: baselines on identical data, splits, resolution and budget",
-                ("wgan_gp", "stylegan2", "ours"), TABLE_METRICS, references=IMAGE_REFERENCES)
-TABLE4 = _suite("table4", "Table 4: clinical consistency (BAC, ROI MSE x1e-5, volumetric consistency)",
-                ("ours", "ours_noaux"), CLINICAL_METRICS, real_row=True, references=("train_copy", "mean_volume"))
-PRIOR = _suite("prior", "Diffusion prior vs real clinical vectors (MMD, C2ST, W1, correlation; Fig. 5)", (), (),
-               prior_eval=True)
-UTILITY = _suite("utility", "Downstream utility (AD/CN classifier trained on real / real+synthetic / synthetic, "
-                 "test BAC) and memorization (nearest-train / nearest-test distance ratio)",
-                 ("wgan_gp", "stylegan2", "ours", "ours_noaux"), ("nn_ratio",), utility=True)
-VALIDITY = _suite("validity", "Metric validity: held-out real volumes under graded corruptions (three levels per "
-                  "family) scored against the test split", (), (), validity=True)
-ALL = ("table2", "table3", "table4", "prior", "utility")
-SUITES.add("all", Suite("all", "Every table: table2, table3, table4, prior and utility, sharing stages and "
-                        "finished runs", (), ()))
+def parse_suite(text: str, name: str, source: str = "") -> Suite:
+    """A :class:`Suite` from the text of a suite file; bad content is a one-line :class:`UsageError`.
+
+    Names of methods and metrics are checked against the registries later (:func:`check_suite`), when every
+    module and plugin has registered its own.
+    """
+    where = f"suite file {source or name}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"{where}: invalid TOML ({err})") from None
+    unknown = sorted(set(data) - set(_FILE_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+                         f"{', '.join(_FILE_KEYS)}")
+
+    def names(key: str) -> tuple[str, ...]:
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise UsageError(f"{where}: {key!r} must be a list of names, got {value!r}")
+        return tuple(value)
+
+    title = data.get("title")
+    if not isinstance(title, str) or not title.strip():
+        raise UsageError(f"{where}: 'title' must be a non-empty string (the table's caption)")
+    seeds = data.get("seeds")
+    if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1):
+        raise UsageError(f"{where}: 'seeds' must be an integer >= 1, got {seeds!r}")
+    steps = names("steps")
+    bad = [s for s in steps if s not in _STEP_FLAGS]
+    if bad:
+        raise UsageError(f"{where}: unknown step(s) {', '.join(map(repr, bad))}; valid: {', '.join(_STEP_FLAGS)}")
+    config = data.get("config", {})
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: 'config' must be a table of dotted keys, as --set takes them")
+    config = _flatten_table(config)
+    known = set(flatten(Config())) - {"method", "preset"}
+    bad = sorted(set(config) - known)
+    if bad:
+        raise UsageError(f"{where}: [config] has unknown key(s) {', '.join(map(repr, bad))} (method and preset are "
+                         "not set here: rows are the methods, --preset picks the preset); valid keys: "
+                         f"{', '.join(sorted(known))}")
+    name = data.get("name", name)
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{where}: 'name' must be a non-empty string")
+    return Suite(name=name, title=title.strip(), methods=names("methods"), metrics=names("metrics"),
+                 references=names("references"), description=str(data.get("description", "")).strip(), seeds=seeds,
+                 config=tuple(config.items()), suites=names("suites"), source=source,
+                 **{_STEP_FLAGS[s]: True for s in steps})
+
+
+def load_suite_file(path: str | Path) -> Suite:
+    """``run --suite-file PATH``: the suite a TOML file defines (named after the file unless it sets ``name``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"suite file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"suite file {path}: cannot be read ({err})") from None
+    return parse_suite(text, path.stem, str(path))
+
+
+def _flatten_table(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten_table(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def suite_to_toml(suite: Suite) -> str:
+    """The suite file that defines ``suite`` (without the comments): logged with every suite run as ``suite.toml``,
+    and what :func:`parse_suite` reads back to an equal suite."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    lines = [f"name = {value(suite.name)}", f"title = {value(suite.title)}"]
+    if suite.description:
+        lines.append(f"description = {value(suite.description)}")
+    if suite.suites:
+        lines.append(f"suites = {value(suite.suites)}")
+    else:
+        lines += [f"references = {value(suite.references)}", f"methods = {value(suite.methods)}",
+                  f"metrics = {value(suite.metrics)}", f"steps = {value(suite.steps)}"]
+    if suite.seeds is not None:
+        lines.append(f"seeds = {suite.seeds}")
+    if suite.config:
+        lines += ["", "[config]"] + [f"{value(k)} = {value(v)}" for k, v in suite.config]
+    return "\n".join(lines) + "\n"
+
+
+def _load_builtin() -> None:
+    folder = resources.files("benchmark") / BUILTIN_DIR
+    for name in BUILTIN:
+        file = folder / f"{name}.toml"
+        SUITES.add(name, parse_suite(file.read_text(), name, f"benchmark/{BUILTIN_DIR}/{name}.toml"))
+
+
+_load_builtin()
+ALL = SUITES.get("all").suites
+
+
+def _reference_method(name: str) -> bool:
+    from benchmark.registry import METHODS
+
+    return not getattr(METHODS.get(name), "needs_training", True)
+
+
+def edit_rows(suite: Suite, spec: str, strict: bool = True) -> Suite:
+    """``--methods``: ``+a,-b`` adds and removes rows; bare names ``a,b`` replace the trained rows (reference rows
+    stay; ``-real`` removes one). Training-free methods go among the references. Unknown names, a mix of bare and
+    signed names and (when ``strict``) a removal of a row the suite does not have are one-line :class:`UsageError` s.
+    """
+    from benchmark.registry import METHODS
+
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise UsageError(f"--methods {spec!r}: expected names, +NAME or -NAME, comma-separated")
+    signed = [s for s in items if s[0] in "+-"]
+    if signed and len(signed) != len(items):
+        raise UsageError(f"--methods {spec!r}: either bare names (the rows) or +NAME/-NAME edits, not both")
+    for name in (s.lstrip("+-") for s in items):
+        METHODS.get(name)  # UnknownEntry: "unknown method ...; valid: ..."
+    methods, references = list(suite.methods), list(suite.references)
+    if not signed:
+        methods = [n for n in dict.fromkeys(items) if not _reference_method(n)]
+        references += [n for n in dict.fromkeys(items) if _reference_method(n) and n not in references]
+        return replace(suite, methods=tuple(methods), references=tuple(references))
+    for item in items:
+        name = item[1:]
+        rows = references if _reference_method(name) else methods
+        if item[0] == "+" and name not in rows:
+            rows.append(name)
+        elif item[0] == "-" and (strict or name in methods + references):
+            if name not in methods + references:
+                raise UsageError(f"--methods -{name}: not a row of suite {suite.name!r} (rows: "
+                                 f"{', '.join(suite.references + suite.methods) or 'none'})")
+            (methods if name in methods else references).remove(name)
+    return replace(suite, methods=tuple(methods), references=tuple(references))
+
+
+def members(top: Suite) -> list[Suite]:
+    """The suites ``top`` runs: itself, or a composite's members (each with the composite's seeds and config)."""
+    if not top.suites:
+        return [top]
+    return [replace(m, seeds=top.seeds or m.seeds, config=m.config + top.config)
+            for m in (SUITES.get(name) for name in top.suites)]
+
+
+def select_suites(top: str | Suite, methods: str | None = None) -> list[Suite]:
+    """The suites a ``run`` command runs: a registered suite (by name) or a loaded suite file, a composite expanded
+    into its members, rows edited by ``--methods`` (in every member with rows; a removal must hit at least one).
+    Methods and metrics are checked against the registries: call after :func:`benchmark.catalog.load_all`."""
+    top = SUITES.get(top) if isinstance(top, str) else top
+    suites = members(top)
+    if methods:
+        if not any(m.methods or m.references for m in suites):
+            raise UsageError(f"--methods: suite {top.name!r} has no rows to edit")
+        rows = {r for m in suites for r in m.references + m.methods}
+        gone = [s.strip()[1:] for s in methods.split(",") if s.strip().startswith("-")]
+        missing = [name for name in gone if name not in rows]
+        if missing:
+            raise UsageError(f"--methods -{missing[0]}: not a row of suite {top.name!r} (rows: "
+                             f"{', '.join(sorted(rows))})")
+        suites = [edit_rows(m, methods, strict=False) if m.methods or m.references else m for m in suites]
+    for suite in suites:
+        check_suite(suite)
+    return suites
+
+
+def check_suite(suite: Suite) -> None:
+    """Every row a registered method and every column a metric some table shows (after plugins are loaded)."""
+    from benchmark.registry import METHODS, METRICS
+    from benchmark.report import column_metrics
+
+    for method in suite.references + suite.methods:
+        METHODS.get(method)
+    shown = column_metrics()
+    for metric in suite.metrics:
+        METRICS.get(metric)
+        if metric not in shown:
+            raise UsageError(f"suite {suite.name!r}: metric {metric!r} has no table column; columns exist for "
+                             f"{', '.join(shown)}")
+    for member in suite.suites:
+        SUITES.get(member)
+
+
+def suite_methods(suites: str | Sequence[Suite]) -> tuple[str, ...]:
+    """Every row (references and methods) of the suites (or of a registered suite's members, by name): the methods
+    ``data.size`` must suit (an unknown suite name is an :class:`UnknownEntry` listing the valid ones)."""
+    if isinstance(suites, str):
+        top = SUITES.get(suites)
+        suites = [SUITES.get(m) for m in top.suites] if top.suites else [top]
+    return tuple(dict.fromkeys(m for s in suites for m in s.references + s.methods))
+
+
+def suite_overrides(suites: Sequence[Suite]) -> dict[str, Any]:
+    """The suites' ``[config]`` values as ``--set`` overrides (a key set twice to different values is an error)."""
+    out: dict[str, Any] = {}
+    for suite in suites:
+        for key, value in suite.config:
+            if key in out and out[key] != value:
+                raise UsageError(f"suites set {key} to both {out[key]!r} and {value!r}")
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def run_suite(name: str | Sequence[Suite], cfg: Config, *, seeds: int | None = None, progress: bool = True,
+              fresh: bool = False) -> int:
+    """Run a suite (a registered name, ``all``, or the suites :func:`select_suites` gave) and print its tables;
+    returns the exit code. ``seeds`` defaults to each suite's own (1 when it sets none)."""
+    from benchmark.config import check_size
+
+    if seeds is not None and seeds < 1:
+        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
+    suites = select_suites(name) if isinstance(name, str) else list(name)
+    check_size(cfg.data.size, suite_methods(suites))  # before any data is synthesised or stage trained
+    failures: list[str] = []
+    for suite in suites:
+        failures += _run_one(suite, cfg, seeds=seeds or suite.seeds or 1, progress=progress, fresh=fresh)
+    if failures:
+        print(f"\n{len(failures)} run(s) failed: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _child_tags(cfg: Config, suite: str) -> dict[str, str]:
+    from benchmark.plugins import plugin_tags
     from benchmark.runner import run_digest
 
-    return {"suite": suite, "method": cfg.method, "seed": str(cfg.train.seed), "config_digest": run_digest(cfg)}
+    return {"suite": suite, "method": cfg.method, "seed": str(cfg.train.seed), "config_digest": run_digest(cfg),
+            **plugin_tags(cfg.method)}
 
 
 def _finished_child(suite: str, cfg: Config) -> Any:
@@ -92,31 +327,6 @@ def _finished_child(suite: str, cfg: Config) -> Any:
         tracker.log_artifact(summary)
         tracker.finish("FINISHED")
     return orphan
-
-
-def suite_methods(name: str) -> tuple[str, ...]:
-    """Every row (references and methods) of a suite, or of every suite for ``all``: the methods ``data.size`` must
-    suit (an unknown suite name is an :class:`UnknownEntry` listing the valid ones)."""
-    names = ALL if name == "all" else (SUITES.get(name).name,)
-    return tuple(dict.fromkeys(m for n in names for m in SUITES.get(n).references + SUITES.get(n).methods))
-
-
-def run_suite(name: str, cfg: Config, *, seeds: int = 1, progress: bool = True, fresh: bool = False) -> int:
-    """Run a suite (or ``all``) and print its tables; returns the exit code."""
-    from benchmark.config import check_size
-    from benchmark.errors import UsageError
-
-    if seeds < 1:
-        raise UsageError(f"--seeds {seeds}: expected an integer >= 1")
-    check_size(cfg.data.size, suite_methods(name))  # before any data is synthesised or stage trained
-    names = ALL if name == "all" else (SUITES.get(name).name,)
-    failures: list[str] = []
-    for suite_name in names:
-        failures += _run_one(SUITES.get(suite_name), cfg, seeds=seeds, progress=progress, fresh=fresh)
-    if failures:
-        print(f"\n{len(failures)} run(s) failed: " + "; ".join(failures), file=sys.stderr)
-        return 1
-    return 0
 
 
 @dataclass
@@ -175,9 +385,13 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
     stages = prepare_stages(cfg, progress=progress)
     experiment = cfg.tracking.experiment or suite.name
     parent = MlflowTracker.start(experiment, f"{suite.name}-{cfg.preset}",
-                                 tags={**stages.tags, "suite": suite.name, "seeds": str(seeds), "kind": "suite"})
+                                 tags={**stages.tags, "suite": suite.name, "seeds": str(seeds), "kind": "suite",
+                                       "suite_source": suite.source or "command line"})
+    # The rows and columns as run (after --methods): `report` rebuilds this table from them, not from the file.
     parent.log_params({"suite": suite.name, "preset": cfg.preset, "seeds": seeds,
-                       "methods": ",".join(suite.methods)})
+                       "methods": ",".join(suite.methods), "references": ",".join(suite.references),
+                       "metrics": ",".join(suite.metrics), "steps": ",".join(suite.steps), "title": suite.title})
+    parent.log_text(suite_to_toml(suite), "suite.toml")
     parent.log_metrics(stage_metrics(stages))
     run = SuiteRun(suite, cfg, stages, parent, experiment, progress)
     steps = [step for step in STEPS if step.applies(suite)]
@@ -258,7 +472,7 @@ def _render(run: SuiteRun) -> None:
     name = run.suite.name
 
     def table(fmt: str) -> str:
-        return report.render_suite(name, fmt=fmt, parent_run_id=run.parent.run_id, settings=settings,
+        return report.render_suite(run.suite, fmt=fmt, parent_run_id=run.parent.run_id, settings=settings,
                                    experiment=run.experiment)
 
     print(table("md"))

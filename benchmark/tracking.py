@@ -13,6 +13,7 @@ import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +61,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
+    def log_dataset(self, table: Any, name: str, source: str, digest: str, context: str = "training") -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -102,6 +104,7 @@ class NullTracker:
         self.tags: dict[str, Any] = {}
         self.metrics: dict[str, list[tuple[int | None, float]]] = {}
         self.artifacts: list[str] = []
+        self.datasets: list[tuple[str, str, str]] = []
         self.status = "RUNNING"
 
     def child(self, name: str, tags: dict[str, str] | None = None) -> NullTracker:
@@ -124,6 +127,9 @@ class NullTracker:
 
     def log_text(self, text: str, name: str) -> None:
         self.artifacts.append(name)
+
+    def log_dataset(self, table: Any, name: str, source: str, digest: str, context: str = "training") -> None:
+        self.datasets.append((name, digest, context))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.status = status
@@ -218,10 +224,51 @@ class MlflowTracker:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), name)
 
+    def log_dataset(self, table: Any, name: str, source: str, digest: str, context: str = "training") -> None:
+        """The run's data as an MLflow dataset input (the runs table's Dataset column): ``table`` a DataFrame (one
+        row per scan: subject, split, clinical vector), ``name``/``digest`` naming cohort and split."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
     def finish(self, status: str = "FINISHED") -> None:
         if self._system_monitor is not None:
             self._system_monitor.finish()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def log_generator_model(tracker: Any, data: Path, spec: dict[str, Any], artifact_path: str = "generator") -> None:
+    """Log a generator folder (benchmark/generator_model.py) as an MLflow pyfunc model at ``artifact_path`` of the
+    tracker's run, with its signature: ``mlflow.pyfunc.load_model("runs:/<id>/generator")`` then works without the
+    CLI (with this repository importable). A NullTracker logs nothing."""
+    if not isinstance(tracker, MlflowTracker):
+        return
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(kind, name) for name, kind in spec["inputs"]]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(spec["output_shape"]), "volumes")]),
+        params=ParamSchema([ParamSpec(name, kind, default) for name, kind, default in spec["params"]]))
+    # explicit requirements: MLflow's inference would import-trace the model (seconds per run)
+    requirements = []
+    for name in ("torch", "numpy", "pandas", "mlflow"):
+        try:
+            requirements.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    with tempfile.TemporaryDirectory(prefix="bm-pyfunc-") as tmp, warnings.catch_warnings():
+        # no input example on purpose: MLflow would load the model and generate from it at save time
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        folder = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(str(folder), loader_module="benchmark.generator_model", data_path=str(data),
+                                 signature=signature, pip_requirements=requirements)
+        tracker.client.log_artifacts(tracker.run_id, str(folder), artifact_path)
 
 
 def _param_value(value: Any) -> str:

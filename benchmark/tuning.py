@@ -109,6 +109,7 @@ def objective_factory(cfg: Config, parent_run_id: str | None, progress: bool) ->
         import optuna
 
         from benchmark.evaluation import EvalContext, evaluate
+        from benchmark.plugins import plugin_tags
         from benchmark.runner import prepare_stages, run_digest
         from benchmark.tracking import MlflowTracker, NullTracker
         from benchmark.train import train
@@ -121,7 +122,8 @@ def objective_factory(cfg: Config, parent_run_id: str | None, progress: bool) ->
         if parent_run_id:
             tracker = MlflowTracker.attach(parent_run_id).child(
                 f"trial-{trial.number}", tags={"optuna_trial": str(trial.number), "method": tcfg.method,
-                                               "config_digest": run_digest(tcfg), **stages.tags})
+                                               "config_digest": run_digest(tcfg), **stages.tags,
+                                               **plugin_tags(tcfg.method)})
             tracker.log_params({**flatten(tcfg), "optuna.trial": trial.number})
         from benchmark.runner import prepare_training
 
@@ -173,8 +175,10 @@ def _worker(cfg_flat: dict[str, Any], study_name: str, storage_url: str, trials:
     import optuna
     from optuna.trial import TrialState
 
+    from benchmark.catalog import load_all
     from benchmark.config import resolve
 
+    load_all()  # a spawned worker: the built-in methods, and the plugins named in BENCHMARK_PLUGINS
     flat = dict(cfg_flat)
     cfg = resolve(flat.pop("preset"), method=flat.pop("method"), overrides=flat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -96,7 +96,7 @@ from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
 STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
 DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
 ACTIVE_UNIT_NATS = 0.01  # a latent dimension is "active" when its batch-mean KL(q || p) exceeds this
-WARP_OUT_GAIN = 0.1  # template_warp: Xavier gain of the output layer (a small random start, not zero)
+RESIDUAL_OUT_GAIN = 0.1  # output_template, coarse_path: Xavier gain of a residual's last layer (small, not 0)
 WARP_SCALE = 0.1  # template_warp: a unit displacement output moves the template by 0.1 x the half-width
 LOGVAR_RANGE = (-30.0, 4.0)  # float32-safe; the cap stops the log-variance head random-walking (DESIGN §9)
 
@@ -332,7 +332,7 @@ class Decoder(nn.Module):
         # deep path needs thousands (DESIGN §9)
         self.coarse = nn.Linear(latent_dim, self.out.out_channels * self.base**3) if coarse_path else None
         if self.coarse is not None:
-            xavier_init_(self.coarse, gain=WARP_OUT_GAIN)
+            xavier_init_(self.coarse, gain=RESIDUAL_OUT_GAIN)
         # fc (k -> r b^3) and expand (r -> 512) have fan_out >> fan_in, where plain Xavier shrinks the signal by
         # sqrt(2 fan_in / (fan_in + fan_out)) (x0.09 at paper size): their gain makes the variance 1 / fan_in.
         # The fc bias is the decoder's learned constant input (StyleGAN's "const"), initialised N(0, 1/2) with the
@@ -357,13 +357,12 @@ class Decoder(nn.Module):
             self.register_buffer("grid", F.affine_grid(eye, [1, 1, size, size, size], align_corners=False),
                                  persistent=False)
         if output_template:
-            # the residual starts at 0 (zero-init last layer): a random residual on top of the template would first
-            # be unlearned by shrinking the output weights, which cuts z out of the decoder (posterior collapse)
-            nn.init.zeros_(self.out.weight)
-            if template_warp:
-                # a zero output layer passes no gradient upstream: the features never learn to depend on z (the
-                # output weights stayed at ~1e-3 for 250 steps); a small random one starts the warp near identity
-                xavier_init_(self.out, gain=WARP_OUT_GAIN)
+            # The residual starts small: a full-size random residual on top of the template would first be unlearned
+            # by shrinking the output weights, which cuts z out of the decoder (posterior collapse); a zero output
+            # layer passes no gradient upstream, so the features never learn to depend on z (with the warp, the
+            # output weights stayed at ~1e-3 for 250 steps) and every sample equals the template at first. A small
+            # random one (Xavier x 0.1) starts the residual near 0 and the warp near identity.
+            xavier_init_(self.out, gain=RESIDUAL_OUT_GAIN)
 
     def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
         w = None

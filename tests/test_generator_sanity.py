@@ -129,10 +129,11 @@ def test_phantoms_follow_the_data_contract() -> None:
     assert mean_vol_l1 > 0.1  # the subjects differ
 
 
-# OPEN (see the helper's report): after the posterior-collapse fixes the decoders still cannot memorise 4 volumes in
-# 100 steps at lr 1e-3 (vae 0.56, vaegan 0.55, xvaegan 0.61, xvaegan_clin 0.65, ours 0.59 vs 0.62 for the batch's mean
-# volume); even the decoder alone, fed 4 fixed z's, only reaches 0.49. Kept as the acceptance criterion.
-@pytest.mark.xfail(reason="decoders learn too slowly to overfit one batch in 100 steps (open)", strict=False)
+# Fails with the paper's decoder (smoke without model.output_template): vae 0.58, vaegan 0.58, xvaegan 0.58,
+# xvaegan_clin 0.61, ours 0.60 vs a threshold of 0.47. Drawing the shared anatomy from the constant input is what
+# takes it hundreds of steps (fitting the mean volume alone: L1 0.34 after 100 steps; one subject alone: 0.48-0.52),
+# not the subject-specific part: with the running-mean template (smoke, as quick) 0.37-0.43 (DESIGN §9 "Decoder
+# learning speed").
 @pytest.mark.parametrize("method", ENCODER_METHODS)
 def test_overfits_one_batch_from_the_posterior_mean(overfitted: dict[str, object], method: str) -> None:
     """(a) The deterministic reconstruction (posterior mean) of the training batch beats the batch's mean volume."""
@@ -165,13 +166,17 @@ def test_posterior_not_collapsed(overfitted: dict[str, object], method: str) -> 
     assert val["active_units"] >= 1, f"{method}: posterior collapsed ({val})"
 
 
-@pytest.mark.parametrize("method", [*ENCODER_METHODS, "wgan_gp", pytest.param("stylegan2", marks=pytest.mark.xfail(
-    reason="three summed toRGB outputs give std ~1.5 at init: [-6.8, -0.9] (open)", strict=False))])
-def test_output_at_initialisation_in_data_range(method: str) -> None:
+# The encoder methods' cases with the paper's decoder (no template: the data-dependent init of the output bias, as
+# in `paper`) run too, since smoke now has the template.
+@pytest.mark.parametrize(("method", "extra"), [
+    *(pytest.param(m, {}, id=m) for m in (*ENCODER_METHODS, *GAN_METHODS)),
+    *(pytest.param(m, {"model.output_template": False}, id=f"{m}-paper-decoder") for m in ("vae", "ours")),
+])
+def test_output_at_initialisation_in_data_range(method: str, extra: dict[str, object]) -> None:
     """(b) After the data-dependent initialisation (one step at learning rate 0) samples lie in the data's range."""
     x, c = phantom_batch()
     torch.manual_seed(0)
-    m = _build(method, ENC_OVERRIDES if method in ENCODER_METHODS else GAN_OVERRIDES)
+    m = _build(method, {**(ENC_OVERRIDES if method in ENCODER_METHODS else GAN_OVERRIDES), **extra})
     for opt in m.optimizers.values():
         for group in opt.param_groups:
             group["lr"] = 0.0

@@ -36,6 +36,11 @@ def test_vae_smoke_run_is_tracked(mlflow_uri: str, smoke_args: list[str], tmp_pa
     assert "fid_resnet18sep" in run.data.metrics and "ssim_triplanar" in run.data.metrics
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert "figures/slices.png" in figures
+    # the cohort and its split as an MLflow dataset input (the runs table's Dataset column)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == run.data.tags["split_fingerprint"]
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert '"split"' in inp.dataset.schema and '"subject_id"' in inp.dataset.schema
 
 
 def _train_cmd(run_dir: Path, cache: Path, resume: bool = False) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,6 +47,19 @@ class DataBundle:
 
     def raw_clinical(self, part: str) -> Tensor:
         return torch.as_tensor(self.cohort.clinical()[getattr(self.split, part)], dtype=torch.float32)
+
+    def split_table(self) -> Any:
+        """One row per scan of the cohort with its split and raw clinical vector (the run's MLflow dataset input)."""
+        import pandas as pd
+
+        from benchmark.data.contract import ROI_NAMES
+
+        part = pd.Series("", index=self.cohort.table.index)
+        for name in ("train", "val", "test"):
+            part.iloc[getattr(self.split, name)] = name
+        table = self.cohort.table[["subject_id", "diagnosis", *ROI_NAMES]].copy()
+        table.insert(1, "split", part.to_numpy())
+        return table[table["split"] != ""].reset_index(drop=True)
 
     @property
     def is_synthetic(self) -> bool:
