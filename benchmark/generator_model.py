@@ -66,7 +66,8 @@ class GeneratorPredictor:
         info = json.loads((folder / INFO).read_text())
         if (folder / PLUGIN_FILE).is_file():  # a file plugin's method: its classes live in the copied file
             _import_plugin_module(folder / PLUGIN_FILE, info["module"])
-        # weights_only=False: the method is pickled whole; this file is the run's own artifact, never user input
+        # weights_only=False: the method is pickled whole (as MLflow's own pyfunc models cloudpickle theirs), so a
+        # model folder is code: load only models from a tracking store you trust. Checkpoints stay weights-only.
         payload = torch.load(folder / PAYLOAD, map_location="cpu", weights_only=False)
         self.method = payload["method"].eval()
         self.normalizer = payload["normalizer"]
