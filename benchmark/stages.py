@@ -175,11 +175,14 @@ def get_fid_network(
                         temperature=f.temperature, seed=f.seed, progress=progress)
         parts = {part: bundle.tensors(part) for part in ("val", "test")}
         info: dict[str, Any] = {"digest": key, "fidnet_feature_dim": float(net.num_features)}
-        # probes on the trained block (its clinical content) and on everything FID sees (prefix fidnet_all_)
-        for prefix, module in (("fidnet_", net.backbone), ("fidnet_all_", net)):
-            feats = {part: extract_features(module, x) for part, (x, _) in parts.items()}
-            scores = linear_probe_scores(extract_features(module, train[0]), train[1],
-                                         {part: (feats[part], parts[part][1]) for part in parts})
+        # probes on the trained block (its clinical content) and on everything FID sees (prefix fidnet_all_); one
+        # forward pass per split: the trained block is the first columns (the probes standardise, so its scale is moot)
+        feats = {part: extract_features(net, x) for part, x in (("train", train[0]), *((k, v[0]) for k, v in
+                                                                                       parts.items()))}
+        width = net.backbone.num_features
+        for prefix, cols in (("fidnet_", slice(0, width)), ("fidnet_all_", slice(None))):
+            scores = linear_probe_scores(feats["train"][:, cols], train[1],
+                                         {part: (feats[part][:, cols], parts[part][1]) for part in parts})
             info.update({f"{prefix}{k}": v for k, v in scores.items()})
         return info
 
