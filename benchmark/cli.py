@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from benchmark.config import PRESET_OVERRIDES, Config, ConfigError, digest, parse_set, resolve, to_json
 from benchmark.errors import UsageError, check_writable_dir
+from benchmark.launchers import LAUNCHERS
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -155,16 +156,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_methods()  # plugins register their methods before the rows are checked
     selected = suites.select_suites(top, methods=args.methods)
     check_size(cfg.data.size, suites.suite_methods(selected))  # every row of the suite must take data.size
+    from benchmark.launchers import make_launcher
+
+    launcher = make_launcher(args.launcher, args.jobs, cfg)  # a bad --launcher/--jobs before any work
     if args.dry_run:
         for suite in selected:
             print(f"# suite {suite.name}: references {', '.join(suite.references) or '-'}; methods "
                   f"{', '.join(suite.methods) or '-'}")
+        print(f"# {launcher.describe() if launcher else 'launcher inline: children one after another here'}")
         return _dry_run(cfg)
     from benchmark.runner import RUNS_DIR
 
     _check_outputs(cfg, ("runs folder", RUNS_DIR))
     _check_store()
-    return suites.run_suite(selected, cfg, seeds=args.seeds, progress=not args.no_progress, fresh=args.fresh)
+    return suites.run_suite(selected, cfg, seeds=args.seeds, progress=not args.no_progress, fresh=args.fresh,
+                            launcher=launcher)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -282,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int_at_least(1), default=None,
                    help="independent trainings per method (default: the suite's `seeds`, else 1)")
     p.add_argument("--fresh", action="store_true", help="retrain even when finished child runs exist")
+    p.add_argument("--launcher", default="inline", choices=LAUNCHERS,
+                   help="where the children (method x seed) run: inline = one after another in this process; local "
+                        "= --jobs processes on this machine, one GPU each; slurm = one SLURM job each, launcher.* "
+                        "keys (README 'Running suites in parallel')")
+    p.add_argument("--jobs", type=int_at_least(1), default=None,
+                   help="children at once (local: default one per GPU, else 2; slurm: default all)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("evaluate", help="score a trained run or checkpoint")

@@ -5,6 +5,9 @@ Every built-in suite is a TOML file in ``benchmark/suite_files/`` (``table3.toml
 (:func:`edit_rows`). Shared stages (data, heads, prior, real feature statistics) are computed once; each method x
 seed is a child run; a finished child with the same config digest is reused, an unfinished one resumes from its
 checkpoint; a failing method is recorded as failed and the others go on (non-zero exit at the end, with a summary).
+Cells run one after another in this process, or through a launcher (benchmark/launchers.py: local processes or SLURM
+jobs) that runs the same :func:`_run_cell` in each child; the parent, the ``before``/``after`` steps and the tables
+stay here either way.
 """
 
 from __future__ import annotations
@@ -276,9 +279,10 @@ def suite_overrides(suites: Sequence[Suite]) -> dict[str, Any]:
 
 
 def run_suite(name: str | Sequence[Suite], cfg: Config, *, seeds: int | None = None, progress: bool = True,
-              fresh: bool = False) -> int:
+              fresh: bool = False, launcher: Any = None) -> int:
     """Run a suite (a registered name, ``all``, or the suites :func:`select_suites` gave) and print its tables;
-    returns the exit code. ``seeds`` defaults to each suite's own (1 when it sets none)."""
+    returns the exit code. ``seeds`` defaults to each suite's own (1 when it sets none). ``launcher`` (a
+    :class:`benchmark.launchers.SubmititLauncher`) runs the cells as separate jobs; None runs them here, in turn."""
     from benchmark.config import check_size
 
     if seeds is not None and seeds < 1:
@@ -287,7 +291,8 @@ def run_suite(name: str | Sequence[Suite], cfg: Config, *, seeds: int | None = N
     check_size(cfg.data.size, suite_methods(suites))  # before any data is synthesised or stage trained
     failures: list[str] = []
     for suite in suites:
-        failures += _run_one(suite, cfg, seeds=seeds or suite.seeds or 1, progress=progress, fresh=fresh)
+        failures += _run_one(suite, cfg, seeds=seeds or suite.seeds or 1, progress=progress, fresh=fresh,
+                             launcher=launcher)
     if failures:
         print(f"\n{len(failures)} run(s) failed: " + "; ".join(failures), file=sys.stderr)
         return 1
@@ -346,7 +351,8 @@ class SuiteRun:
 
 @dataclass
 class Cell:
-    """One table cell row: a method x seed, its child run, and the finished run it reuses (if any)."""
+    """One table cell row: a method x seed, its child run (opened here, or beforehand by a launcher's driver), and
+    the finished run it reuses (if any)."""
 
     method: str
     cfg: Config
@@ -377,7 +383,8 @@ def _cells(suite: Suite, cfg: Config, seeds: int) -> list[Cell]:
     return out
 
 
-def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bool) -> list[str]:
+def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bool, launcher: Any = None
+             ) -> list[str]:
     from benchmark.runner import prepare_stages, stage_metrics
     from benchmark.tracking import MlflowTracker
 
@@ -398,8 +405,11 @@ def _run_one(suite: Suite, cfg: Config, *, seeds: int, progress: bool, fresh: bo
     for step in steps:
         if step.before:
             step.before(run)
-    for cell in _cells(suite, cfg, seeds):
-        _run_cell(run, cell, steps, fresh)
+    if launcher is None:
+        for cell in _cells(suite, cfg, seeds):
+            _run_cell(run, cell, steps, fresh)
+    else:
+        launcher.run_cells(run, _cells(suite, cfg, seeds), steps, fresh)
     for step in steps:
         if step.after:
             step.after(run)
@@ -415,6 +425,7 @@ def _run_cell(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: bool) ->
 
     The cell's run folder is locked from the reuse check until its child run is closed: a second suite process on
     the same store and folder waits, then reuses what the first one trained (it never trains the same child twice).
+    A launcher's child job (benchmark/launchers.py) calls this too, with ``cell.child`` already open and no parent.
     """
     from benchmark.runner import default_run_dir, folder_lock
 
@@ -431,14 +442,19 @@ def _run_cell_locked(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: b
     try:
         if cell.reused is not None:
             done = cell.reused
-            cell.child = run.parent.child(cell.label, tags={**_child_tags(cell.cfg, name), "reused_from": done.run_id})
+            tags = {**_child_tags(cell.cfg, name), "reused_from": done.run_id}
+            if cell.child is None:
+                cell.child = run.parent.child(cell.label, tags=tags)
+            else:
+                cell.child.set_tags(tags)
             cell.child.log_params(dict(done.params))
             cell.child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
             cell.child.log_metrics(done.metrics)
             print(f"[{name}] {cell.label}: reused finished run {done.run_id}")
         else:
             run_dir = default_run_dir(cell.cfg)
-            cell.child = run.parent.child(cell.label, tags=_child_tags(cell.cfg, name))
+            if cell.child is None:
+                cell.child = run.parent.child(cell.label, tags=_child_tags(cell.cfg, name))
             what = "reference row, no training" if cell.method in run.suite.references else \
                 f"training ({cell.cfg.train.budget_volumes} volumes)"
             print(f"[{name}] {cell.label}: {what} in {run_dir}")
@@ -450,7 +466,8 @@ def _run_cell_locked(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: b
     except KeyboardInterrupt:
         if cell.child is not None:
             cell.child.finish("KILLED")
-        run.parent.finish("KILLED")
+        if run.parent is not None:
+            run.parent.finish("KILLED")
         raise
     except Exception as err:  # noqa: BLE001 - one failing method must not stop the suite
         if cell.child is not None:

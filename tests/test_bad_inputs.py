@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,6 +108,14 @@ CASES = [
                              f"data.cache_dir={FORBIDDEN}/c"], {}, "data.cache_dir"),
     ("train-run-dir-forbidden", ["train", "--method", "vae", "--no-track", "--run-dir", f"{FORBIDDEN}/r"], {},
      "--run-dir"),
+    ("run-launcher-unknown", ["run", "--suite", "table2", "--launcher", "mpi"], {}, "--launcher"),
+    ("run-jobs-0", ["run", "--suite", "table2", "--launcher", "local", "--jobs", "0"], {}, "--jobs"),
+    ("run-jobs-inline", ["run", "--suite", "table2", "--preset", "smoke", "--jobs", "4"], {},
+     "add --launcher local or slurm"),
+    ("run-sbatch-extra-malformed", ["run", "--suite", "table2", "--preset", "smoke", "--launcher", "slurm", "--set",
+                                    "launcher.sbatch_extra=qos=a=b"], {}, "launcher.sbatch_extra='qos=a=b'"),
+    *([("run-slurm-without-sbatch", ["run", "--suite", "table2", "--preset", "smoke", "--launcher", "slurm"], {},
+        "no `sbatch` on this machine")] if shutil.which("sbatch") is None else []),
 ]
 
 
