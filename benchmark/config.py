@@ -323,6 +323,25 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class LauncherConfig:
+    """Where a suite's children run (``run --launcher local|slurm``, benchmark/launchers.py): never what they compute,
+    so :func:`digest` leaves these keys out (a child trained under one launcher is reused under another)."""
+
+    partition: str = _f("", text="a SLURM partition name, or empty (the cluster's default)")
+    time_min: int = _f(1440, ge=1)  # SLURM --time of each child job, minutes (a time-out requeues it; it resumes)
+    gpus_per_job: int = _f(1, ge=0)  # SLURM --gpus-per-node of each child job (0 on a CPU-only partition)
+    cpus_per_job: int = _f(0, ge=0)  # SLURM --cpus-per-task, also the child's torch threads (0 = cluster default)
+    mem_gb: float = _f(0.0, ge=0)  # SLURM --mem of each child job in GB (0 = cluster default)
+    # more #SBATCH options, KEY=VALUE (or a bare flag) separated by spaces or commas: "account=lab qos=high exclusive"
+    sbatch_extra: str = _f("", pattern=r"\s*([A-Za-z][\w-]*(=[^,\s=]+)?([,\s]+[A-Za-z][\w-]*(=[^,\s=]+)?)*)?[,\s]*",
+                           text="sbatch options KEY=VALUE (or a bare flag) separated by spaces or commas, e.g. "
+                                "'account=lab qos=high'")
+    # submitit's cluster for --launcher slurm: `local` (processes) or `debug` (in the driver) run the same submission
+    # path on a machine without SLURM (tests, debugging); the slurm-only options are then ignored
+    cluster: str = _f("slurm", choices=("slurm", "local", "debug"))
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     lambda_low: float = _f(0.1, gt=0)  # search ranges are multiplicative around the paper's weights (log-uniform)
     lambda_high: float = _f(10.0, gt=0)  # and > lambda_low
@@ -347,6 +366,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     utility: UtilityConfig = field(default_factory=UtilityConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 def _smoke() -> dict[str, Any]:
@@ -425,7 +445,9 @@ def _paper() -> dict[str, Any]:
         "heads.width": 64, "heads.epochs": 60, "heads.patience": 10, "prior.steps": 50000,
         # FID network at MedicalNet's width (64; 8 x 64 = 512 features, the layout resnet_18_23dataset.pth loads into)
         "fidnet.width": 64, "fidnet.epochs": 60, "fidnet.batch_size": 8, "fidnet.lr": 1e-3,
-        "eval.n_generated": 2000, "eval.n_prior_vectors": 1000, "eval.n_slices": 32,
+        # generation in chunks of 2: a 128^3 volume costs ~2.15 GB of float32 activations to sample, so 8 at once
+        # took 17 GB (DESIGN §9 "paper at 128^3 on a CPU"); 2 fit a 16 GB GPU and lose nothing at this size
+        "eval.n_generated": 2000, "eval.n_prior_vectors": 1000, "eval.n_slices": 32, "eval.batch_size": 2,
         "eval.lpips_backbone": "pretrained",
         "utility.n_synthetic": 2000, "utility.seeds": 5, "utility.epochs": 60, "utility.memo_ssim_n": 64,
     }
@@ -590,8 +612,10 @@ def to_json(cfg: Config) -> str:
 
 
 def digest(cfg: Config | dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
-    """Short stable hash of a (flattened) config; ``exclude`` drops keys that do not change results."""
+    """Short stable hash of a (flattened) config; ``exclude`` drops keys that do not change results (``launcher.*``
+    never count: a digest is the same whatever the launcher, as it was before launchers existed)."""
     flat = flatten(cfg) if not isinstance(cfg, dict) else dict(cfg)
+    flat = {k: v for k, v in flat.items() if not k.startswith("launcher.")}  # where it runs, not what it computes
     for key in exclude:
         flat.pop(key, None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
