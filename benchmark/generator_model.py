@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from benchmark.data.contract import DIAGNOSES, LABEL_INDEX, ROI_NAMES
 
@@ -43,11 +44,19 @@ def save_generator(method: Any, normalizer: Any, batch_size: int, out: Path) -> 
     (out / INFO).write_text(json.dumps({"method": method.cfg.method, "module": module,
                                         "plugin": plugin.source if plugin else ""}, indent=2) + "\n")
     optimizers, method.optimizers = method.optimizers, {}  # optimizer state is for resuming, not for sampling
+    # An EMA (torch's AveragedModel) holds its update rule as a closure (get_ema_multi_avg_fn's local function),
+    # which pickle cannot store; sampling reads only the averaged weights, so the rules stay behind.
+    averaged = [m for m in method.modules() if isinstance(m, AveragedModel)]
+    rules = [(m.avg_fn, m.multi_avg_fn) for m in averaged]
+    for m in averaged:
+        m.avg_fn = m.multi_avg_fn = None
     try:
         torch.save({"method": method, "normalizer": normalizer, "module": module, "batch_size": batch_size,
                     "conditional": bool(method.conditional), "size": int(method.cfg.data.size)}, out / PAYLOAD)
     finally:
         method.optimizers = optimizers
+        for m, (avg_fn, multi_avg_fn) in zip(averaged, rules, strict=True):
+            m.avg_fn, m.multi_avg_fn = avg_fn, multi_avg_fn
     return out
 
 
