@@ -181,9 +181,8 @@ def run_method(
 ) -> dict[str, Any]:
     """Train one method x seed on the shared stages, evaluate it, log everything; returns the final metrics."""
     from benchmark.evaluation import EvalContext, evaluate, method_metrics
-    from benchmark.train import train
-
     from benchmark.resources import peaks, reset_peaks
+    from benchmark.train import train
 
     run_dir = run_dir or default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
