@@ -230,7 +230,12 @@ class MlflowTracker:
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
-        dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
+        with warnings.catch_warnings():
+            # MLflow registers LocalArtifactDatasetSource twice, so every local path "can be interpreted in multiple
+            # ways" (the two candidates are the same class); the warning says nothing about our data.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted",
+                                    category=UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(self.run_id, datasets=[entity])
 
