@@ -403,7 +403,8 @@ def fit_heads(
         for epoch in bar:
             heads.train()
             perm = torch.randperm(n, generator=gen)
-            sums = {"cls": 0.0, "reg": 0.0}
+            training = [k for k in nets if epoch <= budget[k]]
+            sums = {k: (0.0 if k in training else math.nan) for k in nets}
             batches = [b for b in perm.split(batch_size) if len(b) > 1 or n == 1]  # BatchNorm needs 2 at 1^3
             for idx in batches:
                 xb, cb = x_tr[idx], c_tr[idx]
@@ -411,16 +412,15 @@ def fit_heads(
                     xb, cb = random_mirror(xb, cb, gen)
                 xb = random_shift(xb, max_shift, gen).to(device)
                 xb = augment(xb) if augment is not None else xb
-                loss_cls = F.cross_entropy(heads.logits(xb), label[idx].to(device))
-                loss_reg = F.mse_loss(heads.ratios(xb), cb[:, :N_ROI].to(device, xb.dtype))
-                for k, loss in (("cls", loss_cls), ("reg", loss_reg)):
-                    if epoch <= budget[k]:
-                        _step(opts[k], nets[k], loss, grad_clip)
-                        scheds[k].step()
-                sums["cls"] += loss_cls.item()
-                sums["reg"] += loss_reg.item()
-            for net in nets.values():
-                recalibrate_batchnorm(net, x_tr, batch_size)
+                targets = {"cls": label[idx].to(device), "reg": cb[:, :N_ROI].to(device, xb.dtype)}
+                for k in training:  # a head past its budget is final: no forward, no step
+                    out = nets[k](xb)
+                    loss = F.cross_entropy(out, targets[k]) if k == "cls" else F.mse_loss(out, targets[k])
+                    _step(opts[k], nets[k], loss, grad_clip)
+                    scheds[k].step()
+                    sums[k] += loss.item()
+            for k in training:
+                recalibrate_batchnorm(nets[k], x_tr, batch_size)
             scores = evaluate_heads(heads, x_val, c_val, std=std, batch_size=batch_size)
             row = {
                 "epoch": float(epoch),
