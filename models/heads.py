@@ -299,9 +299,10 @@ def recalibrate_batchnorm(net: nn.Module, x: Tensor, batch_size: int) -> None:
     net.train()
     dev = _device_of(net)
     try:
-        for xb in x.split(batch_size):
-            if len(xb) > 1:
-                net(xb.to(dev))
+        with torch.no_grad():  # statistics only: no graph to build
+            for xb in x.split(batch_size):
+                if len(xb) > 1:
+                    net(xb.to(dev))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
