@@ -433,6 +433,14 @@ def _run_cell(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: bool) ->
         _run_cell_locked(run, cell, steps, fresh)
 
 
+def _open_child(run: SuiteRun, cell: Cell, tags: dict[str, str]) -> None:
+    """The cell's child run under the parent, or, when a launcher's driver opened it already, that run tagged."""
+    if cell.child is None:
+        cell.child = run.parent.child(cell.label, tags=tags)
+    else:
+        cell.child.set_tags(tags)
+
+
 def _run_cell_locked(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: bool) -> None:
     from benchmark.runner import default_run_dir, run_method
 
@@ -442,19 +450,14 @@ def _run_cell_locked(run: SuiteRun, cell: Cell, steps: list[SuiteStep], fresh: b
     try:
         if cell.reused is not None:
             done = cell.reused
-            tags = {**_child_tags(cell.cfg, name), "reused_from": done.run_id}
-            if cell.child is None:
-                cell.child = run.parent.child(cell.label, tags=tags)
-            else:
-                cell.child.set_tags(tags)
+            _open_child(run, cell, {**_child_tags(cell.cfg, name), "reused_from": done.run_id})
             cell.child.log_params(dict(done.params))
             cell.child.set_tags({k: v for k, v in done.tags.items() if not k.startswith("mlflow.")})
             cell.child.log_metrics(done.metrics)
             print(f"[{name}] {cell.label}: reused finished run {done.run_id}")
         else:
             run_dir = default_run_dir(cell.cfg)
-            if cell.child is None:
-                cell.child = run.parent.child(cell.label, tags=_child_tags(cell.cfg, name))
+            _open_child(run, cell, _child_tags(cell.cfg, name))
             what = "reference row, no training" if cell.method in run.suite.references else \
                 f"training ({cell.cfg.train.budget_volumes} volumes)"
             print(f"[{name}] {cell.label}: {what} in {run_dir}")
