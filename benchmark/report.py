@@ -40,6 +40,7 @@ class Column:
 IMAGE_COLUMNS = (
     Column("#Params (M)", "params_total", 1e-6, 1, metric="params"),
     Column("FID", "fid_resnet18", 1.0, 2),
+    Column("FID (anat.)", "fid_resnet18anat", 1.0, 2),
     Column("FID (cls)", "fid_resnet18sep", 1.0, 2),
     Column("SSIM", "ssim_triplanar", 1.0, 3, lower_is_better=False),
     Column("LPIPS", "lpips_triplanar_alex", 1.0, 3, alternatives=("lpips_triplanar_alexrand",)),
@@ -304,7 +305,10 @@ def table_rows(suite: Any, parent: RunRecord | None, kids: list[RunRecord]) -> t
                    "mean_volume": "mean_volume = the training mean for every request"}
         note += " Reference rows need no training: " + "; ".join(meaning[r] for r in suite.references) + "."
     if any(c.key == "fid_resnet18sep" for c in columns):
-        note += (" FID = evaluation-only 3-D ResNet-18 trained on the training split, used by no loss; FID (cls) = "
+        note += (" FID = evaluation-only 3-D ResNet-18 trained on the training split, used by no loss, plus three "
+                 "untrained copies that make it respond to noise and artefacts (they dominate it: smooth volumes "
+                 "score far from textured real ones); FID (anat.) = that network's trained block alone (anatomy and "
+                 "clinical content, blind to i.i.d. noise); FID (cls) = "
                  "the frozen AD/CN classifier, which shares weights with `ours`' training losses (L_cls and the "
                  "resnet3d_aux perceptual loss), so it favours `ours` by construction. Pairing: SSIM/LPIPS pair each "
                  "test subject with its reconstruction (encoder methods), its conditional sample (conditional "

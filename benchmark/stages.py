@@ -89,7 +89,8 @@ def stage_path(cfg: Config, kind: str, key: str) -> Path:
 def build_heads(cfg: Config) -> Any:
     from models.heads import ClinicalHeads
 
-    return ClinicalHeads(width=cfg.heads.width, stem_pool=cfg.heads.stem_pool)
+    return ClinicalHeads(width=cfg.heads.width, stem_pool=cfg.heads.stem_pool,
+                         voxel_readout=cfg.data.size if cfg.heads.voxel_readout else None)
 
 
 def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -105,7 +106,8 @@ def get_heads(cfg: Config, bundle: DataBundle, progress: bool = True, log: Any =
                             lr=cfg.heads.lr, grad_clip=cfg.heads.grad_clip, patience=cfg.heads.patience,
                             seed=cfg.heads.seed, progress=progress, schedule=cfg.heads.schedule,
                             mirror=cfg.heads.mirror, max_shift=cfg.heads.max_shift,
-                            epochs_reg=cfg.heads.epochs_reg or None)
+                            epochs_reg=cfg.heads.epochs_reg or None, voxel_c=cfg.heads.voxel_c,
+                            voxel_alpha=cfg.heads.voxel_alpha)
         test_x, test_c = bundle.tensors("test")
         std = torch.as_tensor(bundle.normalizer.std, dtype=torch.float32)
         test = evaluate_heads(heads, test_x, test_c, std=std)

@@ -261,6 +261,7 @@ def train(
     val_every = max(1, cfg.train.val_every_volumes // batch)
     ckpt_every = max(1, cfg.train.checkpoint_every_volumes // batch)
     log_every = max(1, total_steps // 200)
+    cooldown_steps = min(total_steps, math.ceil(cfg.train.lr_cooldown_volumes / batch))
     n_val_batches = max(1, min(4, (val_data.n // val_data.batch_size) if val_data else 1))
     limit_steps = total_steps if stop_after_volumes is None else min(total_steps, math.ceil(stop_after_volumes / batch))
 
@@ -283,6 +284,7 @@ def train(
     try:
         while state.step < limit_steps and not state.stopped_early:
             data = {k: v.to(device, non_blocking=True) for k, v in train_data.batch(state.step).items()}
+            _cool_down(method.optimizers, state.step, total_steps, cooldown_steps)
             losses = method.training_step(data, state.step)
             method.update_ema()
             state.step += 1
@@ -307,6 +309,26 @@ def train(
             bar.close()
     checkpoint()
     return TrainResult(state=state, checkpoint=ckpt_path, interrupted=interrupted)
+
+
+def cooldown_factor(step: int, total_steps: int, cooldown_steps: int) -> float:
+    """LR multiplier for 0-based ``step``: 1 before the last ``cooldown_steps`` steps, then (steps left) / n, so the
+    cooldown's first step runs at the full LR and the last at 1/n of it."""
+    left = total_steps - step
+    return 1.0 if cooldown_steps <= 0 or left > cooldown_steps else left / cooldown_steps
+
+
+def _cool_down(optimizers: dict[str, torch.optim.Optimizer], step: int, total_steps: int, cooldown_steps: int) -> None:
+    """Scale every param group's LR by this step's cooldown factor over the previous step's.
+
+    Multiplicative, so that it composes with ReduceLROnPlateau (which also rescales ``lr`` in place) and survives a
+    resume: the optimizer's saved ``lr`` already holds the factors applied so far.
+    """
+    ratio = cooldown_factor(step, total_steps, cooldown_steps) / cooldown_factor(step - 1, total_steps, cooldown_steps)
+    if ratio != 1.0:
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] *= ratio
 
 
 def _validates_at(step: int, val_every: int, total_steps: int) -> bool:

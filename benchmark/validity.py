@@ -30,7 +30,8 @@ from torch import Tensor
 from benchmark.config import Config
 
 LEVELS = (1, 2, 3)
-VALIDITY_METRICS = ("fid_resnet18", "fid_resnet18sep", "ssim_nn", "lpips_nn", "bac", "roi_mse", "nn_ratio")
+VALIDITY_METRICS = ("fid_resnet18", "fid_resnet18anat", "fid_resnet18sep", "ssim_nn", "lpips_nn", "bac", "roi_mse",
+                    "nn_ratio")
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class _Scorer:
 
         out: dict[str, float] = {}
         feats = {}
-        for name in ("resnet18", "resnet18sep"):
+        for name in ("resnet18", "resnet18anat", "resnet18sep"):
             feats[name] = self.features(name, x)
             stats = FeatureStats().update(feats[name].numpy())
             out[f"fid_{name}"] = float(fid_from_stats(stats, self.ctx.real_stats("test", name)))
@@ -296,7 +297,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     for ax, family in zip(axes.flat, families, strict=False):
         pts = [clean] + [r for r in rows if r["family"] == family]
         levels = [r["level"] for r in pts]
-        for metric, style in (("fid_resnet18", "-o"), ("fid_resnet18sep", "--s")):
+        for metric, style in (("fid_resnet18", "-o"), ("fid_resnet18anat", ":^"), ("fid_resnet18sep", "--s")):
             ax.plot(levels, [r[metric] / max(clean[metric], 1e-9) for r in pts], style, label=metric)
         ax.set_title(family)
         ax.set_xticks(list(range(4)))

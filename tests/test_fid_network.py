@@ -142,3 +142,20 @@ def test_fid_sensitivity_rises_with_corruption() -> None:
     assert s["fid_blur_0.5"] < s["fid_blur_1"] < s["fid_blur_2"]
     assert s["fid_noise_0.1"] < s["fid_noise_0.3"]
     assert s["collapse_over_floor"] >= 2.0
+
+
+def test_anatomy_fid_reads_the_trained_block_alone_at_its_scale() -> None:
+    """`fid_resnet18anat` sees the first block of what `fid_resnet18` sees, scaled the same, never the random copies."""
+    from benchmark.evaluation import _TrainedBlock
+
+    train = _volumes(16, 1)
+    torch.manual_seed(0)
+    net = FidNetwork(width=4, n_random=2)
+    fit_fid_network(net, train, epochs=1, batch_size=8, lr=3e-3, w_ssl=0.0, seed=5, progress=False)
+    full = FrozenBackboneExtractor(net, "resnet18")
+    anat = FrozenBackboneExtractor(_TrainedBlock(net), "resnet18anat")
+    x = _volumes(6, 2)[0]
+    assert torch.equal(anat(x), full(x)[:, :32])
+    with torch.no_grad():  # independent of the block layout: the trained backbone's own pooled features
+        assert torch.allclose(anat(x), net.blocks(x)[0] * net.block_scale[0])
+    assert float(net.block_scale[0]) != 1.0  # calibrated: the scale is really applied

@@ -102,3 +102,74 @@ def test_fit_heads_is_deterministic_for_a_seed() -> None:
                   augment=lambda x: x + 0.05 * torch.randn_like(x))  # fmt: skip
         states.append(heads.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _contrast_volumes(n: int, seed: int, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned 'brains' with the project's background (-4.6 outside a ball) where AD subjects' left-and-right 'grey
+    matter' slabs are brighter by 0.5 under unit noise: a fixed-voxel signal that no pooled statistic isolates.
+    """
+    g = torch.Generator().manual_seed(seed)
+    label = torch.arange(n) % 2
+    grid = torch.stack(torch.meshgrid(*[torch.arange(float(size))] * 3, indexing="ij"))
+    brain = (grid - (size - 1) / 2).square().sum(0).sqrt() < size / 2 - 1
+    gm = brain & ((grid[0] - (size - 1) / 2).abs() > size / 4)  # two lateral slabs, mirror-symmetric
+    x = torch.randn(n, size, size, size, generator=g) + 0.5 * label[:, None, None, None] * gm
+    x = torch.where(brain, x, torch.tensor(-4.6))
+    c = torch.randn(n, 7, generator=g)
+    c[:, 6] = label.float()
+    return x[:, None], c
+
+
+def test_voxel_readouts_equal_the_reference_regressions() -> None:
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from models.heads import VoxelReadout
+
+    x, c = _contrast_volumes(40, 0)
+    x_new, c_new = _contrast_volumes(30, 1)
+    # references: the same regressions on explicitly standardised voxels, predicted by scikit-learn itself
+    flat, flat_new = x.flatten(1).double().numpy(), x_new.flatten(1).double().numpy()
+    mean, std = flat.mean(0), flat.std(0) + 1e-3
+    z, z_new = (flat - mean) / std, (flat_new - mean) / std
+
+    readout = VoxelReadout(12, 2)
+    readout.fit_logistic(x, c[:, 6].long(), c_inverse=0.01)
+    p_ref = LogisticRegression(C=0.01, max_iter=5000).fit(z, c[:, 6].numpy()).predict_proba(z_new)[:, 1]
+    p = readout(x_new).softmax(dim=1)[:, 1].double().numpy()
+    assert abs(p - p_ref).max() < 1e-4
+    assert ((p > 0.5) == c_new[:, 6].numpy().astype(bool)).mean() >= 0.8  # it reads the signal on new subjects
+    assert readout.weight[:, x[0, 0] == -4.6].abs().max() == 0  # constant background voxels carry no weight
+
+    ridge = VoxelReadout(12, 6)
+    ridge.fit_ridge(x, c[:, :6], alpha=10.0)
+    y_ref = Ridge(alpha=10.0).fit(z, c[:, :6].double().numpy()).predict(z_new)
+    assert abs(ridge(x_new).double().numpy() - y_ref).max() < 1e-4
+    with pytest.raises(ValueError, match="12\\^3"):
+        readout(torch.zeros(2, 1, 16, 16, 16))
+
+
+def test_heads_with_voxel_readouts_average_them_with_the_cnns_and_pass_their_gradient() -> None:
+    train, val = _contrast_volumes(32, 2), _contrast_volumes(16, 3)
+    torch.manual_seed(0)
+    heads = ClinicalHeads(width=4, voxel_readout=12)
+    fit_heads(heads, train, val, epochs=2, batch_size=8, lr=3e-3, patience=2, seed=0, progress=False, mirror=True,
+              voxel_c=0.01, voxel_alpha=10.0)  # fmt: skip
+    w = heads.voxel_cls.weight
+    assert w.abs().sum() > 0 and heads.voxel_reg.weight.abs().sum() > 0
+    # fitted on the training volumes and their mirror images: the diagnosis readout is left-right symmetric, and the
+    # regressor's left and right outputs (columns 0/1, 2/3, 4/5) are each other's mirror image
+    assert torch.allclose(w, w.flip(1), atol=1e-3 * float(w.abs().max()))
+    wr = heads.voxel_reg.weight
+    assert torch.allclose(wr[[1, 0, 3, 2, 5, 4]], wr.flip(1), atol=1e-3 * float(wr.abs().max()))
+    heads.freeze()
+    x = val[0].clone().requires_grad_(True)
+    logits = (heads.classifier(x) + heads.voxel_cls(x)) / 2
+    ratios = (heads.regressor(x) + heads.voxel_reg(x)) / 2
+    assert torch.allclose(heads.logits(x), logits) and torch.allclose(heads.ratios(x), ratios)
+    ce = torch.nn.functional.cross_entropy(logits, val[1][:, 6].long())
+    losses = heads.losses(x, val[1])
+    assert torch.allclose(losses["cls"], ce)
+    assert torch.allclose(losses["reg"], torch.nn.functional.mse_loss(ratios, val[1][:, :6]))
+    assert torch.allclose(heads.losses(x, val[1], classifier_maps=heads.feature_maps(x))["cls"], ce)
+    # the CNN's features are the CNN's own (FID resnet18sep, perceptual maps), untouched by the readout
+    assert torch.equal(heads.features(x), heads.classifier.features(x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -69,3 +70,33 @@ def test_no_early_stop_when_patience_is_zero(tmp_path: Path) -> None:
     _, result = _run(tmp_path / "b", **{"train.budget_volumes": 96, "train.plateau_patience_volumes": 0,
                                         "train.early_stop_patience_volumes": 0})
     assert not result.state.stopped_early and result.state.volumes_seen == 96
+
+
+class _RecordsLR(_Constant):
+    """Records the LR each training step runs at."""
+
+    def __init__(self, cfg) -> None:  # noqa: ANN001
+        super().__init__(cfg)
+        self.lrs: list[float] = []
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+        self.lrs.append(self.optimizers["G"].param_groups[0]["lr"])
+        return {}
+
+
+def test_lr_cools_down_linearly_over_the_last_volumes_on_top_of_the_plateau(tmp_path: Path) -> None:
+    # 25 steps of 4 volumes; cooldown over the last 32 volumes = 8 steps; the plateau halves the LR once at 32 volumes
+    cfg = resolve("smoke", overrides={"train.batch_size": 4, "train.val_every_volumes": 8,
+                                      "train.checkpoint_every_volumes": 1000, "train.plateau_factor": 0.5,
+                                      "train.budget_volumes": 100, "train.plateau_patience_volumes": 24,
+                                      "train.early_stop_patience_volumes": 0, "train.lr_cooldown_volumes": 32})
+    method = _RecordsLR(cfg)
+    # the plateau would halve again at 56 and 80 volumes: only the first drop, by making validation improve later
+    values = iter([1.0] + [2.0] * 3 + [0.5 - 0.01 * i for i in range(20)])
+    method.validation_losses = lambda batch: {"val_l1": next(values)}  # one batch a validation
+    train(method, cfg, BatchSource(_data(), 4, seed=0), tmp_path, val_data=BatchSource(_data(4), 4, seed=1),
+          progress=False)
+    # independent reference: step s (0-based) runs at 0.5 (after the drop at 32 volumes = step 8) times
+    # min(1, (25 - s) / 8)
+    expected = [(1.0 if s < 8 else 0.5) * min(1.0, (25 - s) / 8) for s in range(25)]
+    assert method.lrs == pytest.approx(expected, rel=1e-9)

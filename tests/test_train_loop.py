@@ -47,7 +47,7 @@ def _train_cmd(run_dir: Path, cache: Path, resume: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "benchmark", "train", "--method", "vae", "--preset", "smoke", "--no-track",
            "--no-progress", "--run-dir", str(run_dir), "--set", f"data.cache_dir={cache}",
            "--set", "train.budget_volumes=480", "--set", "train.checkpoint_every_volumes=40",
-           "--set", "train.val_every_volumes=80"]
+           "--set", "train.val_every_volumes=80", "--set", "train.lr_cooldown_volumes=480"]  # killed mid-cooldown
     return cmd + (["--resume"] if resume else [])
 
 
