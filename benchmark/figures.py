@@ -135,7 +135,7 @@ def learning_curves(curves: Mapping[str, list[dict[str, float]]], path: Path, me
                 ax.annotate(name.removesuffix(f".{metric}"), (ax.get_xlim()[0], value), fontsize=7, color="grey")
         ax.set_xlabel("volumes seen")
         ax.set_ylabel(metric)
-        if metric == "val_fid":
+        if metric in ("val_fid", "val_l1"):  # log: one diverging step (val_l1 10 vs 0.3) flattens every other line
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     if title:
