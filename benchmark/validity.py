@@ -297,8 +297,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     for ax, family in zip(axes.flat, families, strict=False):
         pts = [clean] + [r for r in rows if r["family"] == family]
         levels = [r["level"] for r in pts]
-        for metric, style in (("fid_resnet18", "-o"), ("fid_resnet18anat", ":^"), ("fid_resnet18sep", "--s")):
-            ax.plot(levels, [r[metric] / max(clean[metric], 1e-9) for r in pts], style, label=metric)
+        for metric, style, color in (("fid_resnet18", "-o", "tab:blue"), ("fid_resnet18anat", "-.D", "tab:orange"),
+                                     ("fid_resnet18sep", "--s", "tab:purple")):
+            ax.plot(levels, [r[metric] / max(clean[metric], 1e-9) for r in pts], style, color=color, ms=4,
+                    label=metric)
         ax.set_title(family)
         ax.set_xticks(list(range(4)))
         ax.set_xlabel("level")
@@ -311,10 +313,12 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     for ax in list(axes.flat)[len(families):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower right")
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    fig.legend(handles + twin_handles, labels + [f"{t} (right axis)" for t in twin_labels], loc="lower center",
+               ncol=5, fontsize=9)
     fig.suptitle("Validity: metric vs corruption level (validation split vs test split; level 0 = clean floor); "
                  "right axis: SSIM (NN) green, nn_ratio red")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
