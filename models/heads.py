@@ -41,8 +41,10 @@ import copy
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -172,17 +174,15 @@ class VoxelReadout(nn.Module):
         return torch.einsum("nxyz,kxyz->nk", x[:, 0], self.weight.to(x.dtype)) + self.bias.to(x.dtype)
 
     @staticmethod
-    def _standardise(x: Tensor) -> tuple[object, object, object]:
+    def _standardise(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(standardised voxels [N, S^3], mean, std) in float64; constant voxels (the background) standardise to 0
         and so get no weight."""
         flat = x.flatten(1).double().cpu().numpy()
         mean, std = flat.mean(axis=0), flat.std(axis=0) + 1e-3
         return (flat - mean) / std, mean, std
 
-    def _set(self, coef: object, intercept: object, mean: object, std: object) -> None:
+    def _set(self, coef: ArrayLike, intercept: ArrayLike, mean: np.ndarray, std: np.ndarray) -> None:
         """Fold the standardisation into the weights: coef . (x - mean) / std + intercept."""
-        import numpy as np
-
         w = np.asarray(coef, dtype=np.float64).reshape(self.weight.shape[0], -1) / std
         b = np.asarray(intercept, dtype=np.float64).reshape(-1) - w @ mean
         self.weight.copy_(torch.as_tensor(w, dtype=torch.float32).view_as(self.weight))
