@@ -48,7 +48,7 @@ IMAGE_COLUMNS = (
     Column("LPIPS (NN)", "lpips_nn_triplanar_alex", 1.0, 3, alternatives=("lpips_nn_triplanar_alexrand",)),
 )
 REFERENCE_LABELS = {"real": "Real (train vs test, floor)", "train_copy": "train_copy (reference)",
-                    "mean_volume": "mean_volume (reference)"}
+                    "mean_volume": "mean_volume (reference)", "mean_noise": "mean_noise (reference)"}
 ALPHA = 0.05
 CLINICAL_COLUMNS = (
     Column("BAC (%)", "bac", 100.0, 1, lower_is_better=False),
@@ -302,13 +302,15 @@ def table_rows(suite: Any, parent: RunRecord | None, kids: list[RunRecord]) -> t
                            "real-vs-real floor)",
                    "train_copy": "train_copy = the training subject nearest to each requested clinical vector (a "
                                  "perfect memoriser)",
-                   "mean_volume": "mean_volume = the training mean for every request"}
-        note += " Reference rows need no training: " + "; ".join(meaning[r] for r in suite.references) + "."
+                   "mean_volume": "mean_volume = the training mean for every request",
+                   "mean_noise": "mean_noise = the training mean plus white noise in the brain, as textured as the "
+                                 "training volumes (what texture alone scores)"}
+        note += " Reference rows need no training: " + "; ".join(meaning.get(r, r) for r in suite.references) + "."
     if any(c.key == "fid_resnet18sep" for c in columns):
         note += (" FID = evaluation-only 3-D ResNet-18 trained on the training split, used by no loss, plus three "
                  "untrained copies that make it respond to noise and artefacts (they dominate it: smooth volumes "
                  "score far from textured real ones); FID (anat.) = that network's trained block alone (anatomy and "
-                 "clinical content, blind to i.i.d. noise); FID (cls) = "
+                 "clinical content, nearly blind to i.i.d. noise); FID (cls) = "
                  "the frozen AD/CN classifier, which shares weights with `ours`' training losses (L_cls and the "
                  "resnet3d_aux perceptual loss), so it favours `ours` by construction. Pairing: SSIM/LPIPS pair each "
                  "test subject with its reconstruction (encoder methods), its conditional sample (conditional "

@@ -42,6 +42,32 @@ def test_mean_volume_and_train_copy_are_what_they_say(smoke) -> None:  # noqa: A
     assert not real.needs_training and real.param_groups() == {}
 
 
+def test_mean_noise_is_the_mean_volume_plus_brain_noise_as_textured_as_the_training_volumes(smoke) -> None:  # noqa: ANN001
+    cfg, stages = smoke
+    x, c = stages.bundle.tensors("train")
+    row = build_method(resolve("smoke", "mean_noise"), stages.heads).fit(stages.bundle)
+    out = row.sample(6, c[:6], generator=torch.Generator().manual_seed(0))
+    mean = x.mean(dim=0, keepdim=True)
+    background = x.amin(dim=(1, 2, 3, 4), keepdim=True)  # each volume's own (the z-score of intensity 0)
+    outside = (x == background).all(dim=0, keepdim=True).expand_as(out)  # background in every training volume
+    assert outside.any() and torch.equal(out[outside], mean.expand_as(out)[outside])  # no noise outside the brain
+    assert (out - mean)[~outside].abs().max() > 0
+
+    # reference: high-frequency energy (residual of a 3^3 mean, numpy) inside the brain, computed here
+    def hp_var(v: torch.Tensor) -> float:
+        from scipy.ndimage import uniform_filter
+
+        a = v[0].double().numpy()
+        ones = uniform_filter(np.ones_like(a), 3, mode="constant")  # divide out the zero padding at the border
+        local = uniform_filter(a, 3, mode="constant") / ones
+        return float((a - local)[~outside[0, 0].numpy()].var(ddof=1))
+
+    target = np.mean([hp_var(v) for v in x])
+    got = np.mean([hp_var(v) for v in row.sample(32, c[:32].repeat(2, 1)[:32], torch.Generator().manual_seed(1))])
+    assert got == pytest.approx(target, rel=0.1)  # as textured as the training volumes
+    assert hp_var(mean[0]) < 0.8 * target  # while the mean alone is smoother
+
+
 def test_validity_directions_noise_and_mode_collapse(smoke) -> None:  # noqa: ANN001
     """Independent FID of the smoke training split rises under strong noise and under mode collapse."""
     from benchmark.validity import _mode_collapse, _Scorer, _torchio
