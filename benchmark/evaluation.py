@@ -56,7 +56,7 @@ class _TrainedBlock(nn.Module):
         self.net = fid_net
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.blocks(x)[0] * self.net.block_scale[0]
+        return self.net.features(x) * self.net.block_scale[0]  # the trained backbone only: no random copy runs
 
 
 GENERATED_CACHE_BYTES = 512 * 2**20  # generated draws kept for one evaluation (see EvalContext.generate)

@@ -237,20 +237,20 @@ class ClinicalHeads(nn.Module):
         self.voxel_reg = VoxelReadout(voxel_readout, N_ROI) if voxel_readout else None
         self.frozen = False
 
-    def combine(self, cnn_logits: Tensor, x: Tensor) -> Tensor:
-        """The classifier's AD/CN logits from the CNN's logits on ``x``: with a voxel readout, their mean."""
-        return cnn_logits if self.voxel_cls is None else (cnn_logits + self.voxel_cls(x)) / 2
+    @staticmethod
+    def _with_readout(cnn_out: Tensor, readout: VoxelReadout | None, x: Tensor) -> Tensor:
+        """A head's output from its CNN's output on ``x``: with a voxel readout, the mean of the two."""
+        return cnn_out if readout is None else (cnn_out + readout(x)) / 2
 
     def logits(self, x: Tensor) -> Tensor:
         """AD/CN logits [N, 2] (index 1 = AD)."""
         _check_volume(x)
-        return self.combine(self.classifier(x), x)
+        return self._with_readout(self.classifier(x), self.voxel_cls, x)
 
     def ratios(self, x: Tensor) -> Tensor:
         """Predicted standardised ROI ratios [N, 6] (order of ``contract.ROI_NAMES``)."""
         _check_volume(x)
-        out = self.regressor(x)
-        return out if self.voxel_reg is None else (out + self.voxel_reg(x)) / 2
+        return self._with_readout(self.regressor(x), self.voxel_reg, x)
 
     def features(self, x: Tensor) -> Tensor:
         """The classifier's pooled features [N, 8 * width]: the ``resnet18sep`` FID extractor."""
@@ -279,7 +279,7 @@ class ClinicalHeads(nn.Module):
         if classifier_maps is None:
             logits = self.logits(x)
         else:
-            logits = self.combine(self.classifier.head(classifier_maps[-1]), x)
+            logits = self._with_readout(self.classifier.head(classifier_maps[-1]), self.voxel_cls, x)
         return {
             "cls": F.cross_entropy(logits, label),
             "reg": F.mse_loss(self.ratios(x), c[:, :N_ROI].to(x.dtype)),
