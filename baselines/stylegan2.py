@@ -51,6 +51,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ from benchmark.dist import global_mean, world_size
 from benchmark.registry import METHODS
 from models.base import LOSS_ADV_G, LOSS_D, GenerativeMethod, frozen
 from models.blocks import modulated_conv3d
+from models.template import OutputTemplate, medoid_volume, nearest_to_mean
 
 _CHANNEL_BASE = 2048
 _CHANNEL_MAX = 128
@@ -244,11 +246,14 @@ class SynthesisNetwork(nn.Module):
 class StyleGenerator(nn.Module):
     """Mapping + synthesis: z [N, z_dim] -> [N, 1, S, S, S] (and optionally the ws [N, num_ws, w_dim] used)."""
 
-    def __init__(self, z_dim: int, w_dim: int, size: int, fmaps: float, mapping_layers: int, lr_mul: float) -> None:
+    def __init__(self, z_dim: int, w_dim: int, size: int, fmaps: float, mapping_layers: int, lr_mul: float,
+                 output_template: bool = False) -> None:
         super().__init__()
         self.z_dim = z_dim
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, lr_mul)
         self.synthesis = SynthesisNetwork(w_dim, size, fmaps)
+        # stylegan.output_template: the summed skip outputs are a residual on the template (their biases stay 0)
+        self.template = OutputTemplate(size) if output_template else None
 
     def forward(
         self,
@@ -269,6 +274,8 @@ class StyleGenerator(nn.Module):
             ws2 = self.mapping(z2).unsqueeze(1).expand(-1, num_ws, -1)
             ws = torch.cat([ws[:, :cutoff], ws2[:, cutoff:]], dim=1)
         img = self.synthesis(ws, generator, noise)
+        if self.template is not None:
+            img = self.template(img)
         return (img, ws) if return_ws else img
 
 
@@ -387,7 +394,8 @@ class StyleGAN2(GenerativeMethod):
     def __init__(self, cfg: Config, heads: object | None = None) -> None:
         super().__init__(cfg)
         s = cfg.stylegan
-        self.G = StyleGenerator(s.z_dim, s.w_dim, cfg.data.size, s.fmaps, s.mapping_layers, s.mapping_lr_mult)
+        self.G = StyleGenerator(s.z_dim, s.w_dim, cfg.data.size, s.fmaps, s.mapping_layers, s.mapping_lr_mult,
+                                s.output_template)
         self.D = ResidualDiscriminator(cfg.data.size, s.fmaps, self.MBSTD_GROUP)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
         self.register_buffer("pl_mean", torch.zeros(()))
@@ -463,11 +471,25 @@ class StyleGAN2(GenerativeMethod):
         offset of the whole volume. Volumes are z-scored inside the brain (mean about -3, background -4.6). The
         spread around that offset is :data:`TORGB_OUTPUT_SCALE`'s business (samples then start in the data's range).
         """
-        from benchmark.dist import all_reduce_mean
+        from benchmark.dist import all_reduce_mean, broadcast_tensor
 
+        if self.G.template is not None:  # the template holds the offset
+            if not self.G.template.is_set:
+                self._set_template(broadcast_tensor(nearest_to_mean(real.float())))
+            return
         mean = all_reduce_mean(float(real.float().mean()), real.device)
         for G in (self.G, self.G_ema):  # noqa: N806
             G.synthesis.to_rgbs[0].bias.fill_(mean)
+
+    @torch.no_grad()
+    def init_from_data(self, train: Any) -> None:
+        """``stylegan.output_template``: the template is the training subject nearest to the training mean."""
+        if self.G.template is not None:
+            self._set_template(medoid_volume(train))
+
+    def _set_template(self, volume: Tensor) -> None:
+        for G in (self.G, self.G_ema):  # noqa: N806
+            G.template.set(volume)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         """G main (+ path length), then D main (+ R1) on ``batch["x"]`` [N,1,S,S,S]; one update of each network.

@@ -28,6 +28,7 @@ Architecture (DCGAN-style, Gulrajani's "DCGAN" generator with batch norm):
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,13 @@ from benchmark.config import Config
 from benchmark.dist import SyncBatchNorm3d
 from benchmark.registry import METHODS
 from models.base import LOSS_ADV_G, LOSS_D, GenerativeMethod, frozen
+from models.template import OutputTemplate, medoid_volume, nearest_to_mean
 
 # C(r) = width * _CHANNEL_BASE / r: 512 channels at 4^3 for width 1 (DCGAN's 4x4 stage width).
 _CHANNEL_BASE = 2048
 _MIN_CHANNELS = 4
+# wgan.output_template: the last layer's weights x this, so that the residual starts small on the template.
+RESIDUAL_SCALE = 0.1
 
 
 def _channels(resolution: int, width: float) -> int:
@@ -91,7 +95,7 @@ def gradient_penalty(
 class WGANGenerator(nn.Module):
     """DCGAN-style 3-D generator: z [N, z_dim] -> [N, 1, S, S, S]."""
 
-    def __init__(self, z_dim: int, size: int, width: float) -> None:
+    def __init__(self, z_dim: int, size: int, width: float, output_template: bool = False) -> None:
         super().__init__()
         _check_size(size)
         self.z_dim = z_dim
@@ -108,11 +112,17 @@ class WGANGenerator(nn.Module):
             res *= 2
         self.stages = nn.Sequential(*stages)
         self.to_volume = nn.ConvTranspose3d(_channels(res, width), 1, 4, 2, 1)
+        self.template = OutputTemplate(size) if output_template else None
+        if self.template is not None:  # a residual starts small, on a zero bias (the template holds the offset)
+            with torch.no_grad():
+                self.to_volume.weight.mul_(RESIDUAL_SCALE)
+                self.to_volume.bias.zero_()
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.project(z).view(z.shape[0], self.c4, 4, 4, 4)
         x = F.relu(self.project_norm(x), inplace=True)
-        return self.to_volume(self.stages(x))
+        out = self.to_volume(self.stages(x))
+        return out if self.template is None else self.template(out)
 
 
 class WGANCritic(nn.Module):
@@ -143,7 +153,7 @@ class WGANGP(GenerativeMethod):
     def __init__(self, cfg: Config, heads: object | None = None) -> None:
         super().__init__(cfg)
         w = cfg.wgan
-        self.G = WGANGenerator(w.z_dim, cfg.data.size, w.width)
+        self.G = WGANGenerator(w.z_dim, cfg.data.size, w.width, w.output_template)
         self.D = WGANCritic(cfg.data.size, w.width)
         # Critic updates so far, in the state dict so that a resumed run keeps the n_critic phase.
         self.register_buffer("critic_updates", torch.zeros((), dtype=torch.long))
@@ -160,14 +170,26 @@ class WGANGP(GenerativeMethod):
         }
 
     @torch.no_grad()
+    def init_from_data(self, train: Any) -> None:
+        """``wgan.output_template``: the template is the training subject nearest to the training mean."""
+        if self.G.template is not None:
+            self.G.template.set(medoid_volume(train))
+
+    @torch.no_grad()
     def _init_output_bias(self, real: Tensor) -> None:
         """Data-dependent init of the last layer's bias to the data's mean intensity (all ranks), on the first call.
 
         Volumes are z-scored inside the brain (mean about -3, background -4.6) while G starts around 0; Adam moves
-        a bias by about lr a step, so the offset would otherwise take most of a short budget to learn.
+        a bias by about lr a step, so the offset would otherwise take most of a short budget to learn. With the
+        output template the template holds the offset (the first batch's volume nearest its mean when
+        :meth:`init_from_data` was not called).
         """
-        from benchmark.dist import all_reduce_mean
+        from benchmark.dist import all_reduce_mean, broadcast_tensor
 
+        if self.G.template is not None:
+            if not self.G.template.is_set:
+                self.G.template.set(broadcast_tensor(nearest_to_mean(real.float())))
+            return
         self.G.to_volume.bias.fill_(all_reduce_mean(float(real.float().mean()), real.device))
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:

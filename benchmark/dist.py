@@ -70,6 +70,15 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return float(t.item() / world_size())
 
 
+def broadcast_tensor(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``x`` on every rank (a data-dependent init that must be the same everywhere); ``x`` alone."""
+    if world_size() == 1:
+        return x
+    x = x.contiguous()
+    torch_dist.broadcast(x, src)
+    return x
+
+
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of the entries of every rank's ``x``, differentiable (the autograd-aware all-reduce); ``x.mean()`` alone."""
     if world_size() == 1:

@@ -48,7 +48,8 @@ IMAGE_COLUMNS = (
     Column("LPIPS (NN)", "lpips_nn_triplanar_alex", 1.0, 3, alternatives=("lpips_nn_triplanar_alexrand",)),
 )
 REFERENCE_LABELS = {"real": "Real (train vs test, floor)", "train_copy": "train_copy (reference)",
-                    "mean_volume": "mean_volume (reference)", "mean_noise": "mean_noise (reference)"}
+                    "mean_volume": "mean_volume (reference)", "medoid": "medoid (reference)",
+                    "mean_noise": "mean_noise (reference)"}
 ALPHA = 0.05
 CLINICAL_COLUMNS = (
     Column("BAC (%)", "bac", 100.0, 1, lower_is_better=False),
@@ -303,6 +304,8 @@ def table_rows(suite: Any, parent: RunRecord | None, kids: list[RunRecord]) -> t
                    "train_copy": "train_copy = the training subject nearest to each requested clinical vector (a "
                                  "perfect memoriser)",
                    "mean_volume": "mean_volume = the training mean for every request",
+                   "medoid": "medoid = the training subject nearest to the training mean for every request (one "
+                             "sharp real brain: the template the quick preset's VAE-GAN rows warp)",
                    "mean_noise": "mean_noise = the training mean plus white noise in the brain, as textured as the "
                                  "training volumes (what texture alone scores)"}
         note += " Reference rows need no training: " + "; ".join(meaning.get(r, r) for r in suite.references) + "."
@@ -401,7 +404,8 @@ def report_command(suite: str, fmt: str, run_id: str | None = None) -> str:
 
 
 def log_figures(suite: Any, parent: Any, stages: Any, cfg: Any) -> None:
-    """Paper Fig. 3: one test subject's real slices beside a sample of every method of the suite."""
+    """Paper Fig. 3: one test subject's real slices beside the mean-volume and medoid references and a sample of
+    every method of the suite."""
     import nibabel as nib
 
     from benchmark.figures import triplanar_grid
@@ -413,7 +417,7 @@ def log_figures(suite: Any, parent: Any, stages: Any, cfg: Any) -> None:
 
     x, _ = stages.bundle.tensors("test")
     rows: dict[str, Any] = {"real": x[0]}
-    for method in (*[r for r in suite.references if r == "mean_volume"], *suite.methods):
+    for method in (*[r for r in suite.references if r in ("mean_volume", "medoid")], *suite.methods):
         path = default_run_dir(replace(cfg, method=method)) / "samples" / "sample_0.nii.gz"
         if path.is_file():
             rows[method] = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)

@@ -132,8 +132,11 @@ def prepare_training(cfg: Config, stages: SharedStages) -> TrainingSetup:
     """The one way to set up training (runner, suites and tuning all use it): the method on the shared stages, the
     seeded training batches (with the conventional augmentation when configured), fixed validation batches, and
     the validation FID on the evaluation-only network."""
-    return TrainingSetup(build_method(cfg, stages.heads), *_batch_sources(cfg, stages.bundle),
-                         _val_fid_validator(cfg, stages))
+    method = build_method(cfg, stages.heads)
+    init = getattr(method, "init_from_data", None)  # plugins need not subclass GenerativeMethod
+    if init is not None and getattr(method, "needs_training", True):
+        init(stages.bundle.dataset("train"))  # a resumed run then restores its own state
+    return TrainingSetup(method, *_batch_sources(cfg, stages.bundle), _val_fid_validator(cfg, stages))
 
 
 def _batch_sources(cfg: Config, bundle: DataBundle) -> tuple[Any, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +96,11 @@ class GenerativeMethod(nn.Module):
     def validation_losses(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """Cheap validation numbers on a held-out batch, e.g. ``val_l1`` of reconstructions."""
         return {}
+
+    def init_from_data(self, train: Any) -> None:
+        """Data-dependent initialisation before the first step, from the training split ``train`` (a dataset of
+        ``{"x": [1,S,S,S], "c": [7]}`` items); called once for a fresh run (a resumed one restores its state).
+        Default: nothing."""
 
     def param_groups(self) -> dict[str, nn.Module]:
         """Components whose parameters are counted (paper Tables 2-3), e.g. encoder, decoder, prior, D."""

@@ -61,7 +61,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,7 @@ from models.losses import (
     weighted_total,
 )
 from models.perceptual import PerceptualLoss, efficientnet_b0_param_counts
+from models.template import medoid_volume, nearest_to_mean
 
 STAGE_CHANNELS = (64, 128, 256, 512)  # paper §2.4, at width 1
 DISC_CHANNELS = (64, 128, 256, 512)  # PatchGAN ndf = 64 (Isola et al.)
@@ -590,10 +591,27 @@ class VAEGANMethod(GenerativeMethod):
             d.out.bias.fill_(mean)
 
     @torch.no_grad()
-    def _update_template(self, x: Tensor) -> None:
-        """``model.output_template``: fold the (global) batch into the running mean volume of the decoders."""
-        from benchmark.dist import world_size
+    def init_from_data(self, train: Any) -> None:
+        """``model.template = "medoid"``: the template is the training subject nearest to the training mean."""
+        if self.G.decoder.template is not None and self.cfg.model.template == "medoid":
+            self._set_template(medoid_volume(train).to(self.G.decoder.template))
 
+    def _set_template(self, volume: Tensor) -> None:
+        for d in [self.G.decoder] + ([self.ema.module.decoder] if self.ema is not None else []):
+            d.template.copy_(volume)
+            d.template_count.fill_(1)
+
+    @torch.no_grad()
+    def _update_template(self, x: Tensor) -> None:
+        """``model.output_template``: fold the (global) batch into the running mean volume of the decoders; with
+        ``model.template = "medoid"`` the template is fixed (by :meth:`init_from_data`, or, when that was not
+        called, the first batch's volume nearest to its mean)."""
+        from benchmark.dist import broadcast_tensor, world_size
+
+        if self.cfg.model.template == "medoid":
+            if float(self.G.decoder.template_count) == 0:
+                self._set_template(broadcast_tensor(nearest_to_mean(x.float())))
+            return
         volume = x.float().sum(0, keepdim=True)
         n = torch.tensor(float(x.shape[0]), device=x.device)
         if world_size() > 1:

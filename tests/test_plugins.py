@@ -104,9 +104,9 @@ def test_plugin_file_runs_in_a_suite_with_tags_table_row_and_reuse(registries, m
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'suite' and params.methods = 'mymethod'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.data.params["references"] == "real,train_copy,mean_volume"
+    assert parent.data.params["references"] == "real,train_copy,mean_volume,medoid"
     kids = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
-    assert sorted(k.data.tags["method"] for k in kids) == ["mean_volume", "mymethod", "real", "train_copy"]
+    assert sorted(k.data.tags["method"] for k in kids) == ["mean_volume", "medoid", "mymethod", "real", "train_copy"]
     mine = next(k for k in kids if k.data.tags["method"] == "mymethod")
     assert mine.info.status == "FINISHED" and mine.data.tags["evaluated"] == "1"
     assert mine.data.tags["plugin"] == str(plugin.resolve())
@@ -162,8 +162,8 @@ def test_entry_point_of_an_installed_distribution_registers_a_method(tmp_path: P
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "  mymethod " in out.stdout and "[plugin mydist:mymethod = mydist_plugin]" in out.stdout
-    assert "# suite table3: references real, train_copy, mean_volume; methods wgan_gp, stylegan2, ours, mymethod" \
-        in out.stdout
+    assert ("# suite table3: references real, train_copy, mean_volume, medoid; methods wgan_gp, stylegan2, ours, "
+            "mymethod") in out.stdout
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -196,7 +196,7 @@ def test_methods_edits_rows_of_a_suite(registries, tmp_path: Path, capsys) -> No
     assert edit_rows(table3, "-stylegan2,+vae").methods == ("wgan_gp", "ours", "vae")
     edited = edit_rows(table3, "vae,ours,mean_volume")
     assert edited.methods == ("vae", "ours") and edited.references == table3.references
-    assert edit_rows(table3, "-real").references == ("train_copy", "mean_volume")
+    assert edit_rows(table3, "-real").references == ("train_copy", "mean_volume", "medoid")
     for spec, needle in [("+nope", "unknown method 'nope'"), ("-vae", "-vae: not a row of suite 'table3'"),
                          ("vae,-ours", "not both")]:
         assert main(["run", "--suite", "table3", "--methods", spec, "--preset", "smoke", "--dry-run"]) == 2
@@ -212,7 +212,7 @@ def test_methods_edits_rows_of_a_suite(registries, tmp_path: Path, capsys) -> No
 # `FID (anat.)` column added since (the FID network's trained block alone; DESIGN §9).
 TABLE_METRICS = ("params", "fid_resnet18", "fid_resnet18anat", "fid_resnet18sep", "ssim_triplanar",
                  "lpips_triplanar_alex", "ssim_nn_triplanar", "lpips_nn_triplanar_alex")
-REFS = ("real", "train_copy", "mean_volume")
+REFS = ("real", "train_copy", "mean_volume", "medoid")
 BEFORE = {
     "table2": dict(methods=("vae", "vaegan", "xvaegan", "xvaegan_clin", "ours"), metrics=TABLE_METRICS,
                    references=REFS),
@@ -239,7 +239,7 @@ def test_a_suite_file_reproduces_table3_and_its_config_sits_between_config_and_s
     path = tmp_path / "table3.toml"
     path.write_text('title = "Table 3: baselines on identical data, splits, resolution and budget"\n'
                     'description = """\n' + SUITES.get("table3").description + '\n"""\n'
-                    'references = ["real", "train_copy", "mean_volume"]\n'
+                    'references = ["real", "train_copy", "mean_volume", "medoid"]\n'
                     'methods = ["wgan_gp", "stylegan2", "ours"]\n'
                     f'metrics = {list(TABLE_METRICS)!r}\n'.replace("'", '"') + 'seeds = 1\n')
     assert load_suite_file(path) == SUITES.get("table3")

@@ -42,6 +42,19 @@ def test_mean_volume_and_train_copy_are_what_they_say(smoke) -> None:  # noqa: A
     assert not real.needs_training and real.param_groups() == {}
 
 
+def test_medoid_is_the_training_subject_nearest_the_training_mean_for_every_request(smoke) -> None:  # noqa: ANN001
+    cfg, stages = smoke
+    x, c = stages.bundle.tensors("train")
+    flat = x.double().numpy().reshape(len(x), -1)
+    want = x[int(np.abs(flat - flat.mean(0)).mean(1).argmin())]  # reference computed here, in numpy
+    row = build_method(resolve("smoke", "medoid"), stages.heads).fit(stages.bundle)
+    out = row.sample(5, c[:5], generator=torch.Generator().manual_seed(0))
+    assert out.shape == (5, *x.shape[1:])
+    for v in out:
+        assert torch.equal(v, want)
+    assert not torch.equal(want, x.mean(0))  # a real subject, not the mean
+
+
 def test_mean_noise_is_the_mean_volume_plus_brain_noise_as_textured_as_the_training_volumes(smoke) -> None:  # noqa: ANN001
     cfg, stages = smoke
     x, c = stages.bundle.tensors("train")

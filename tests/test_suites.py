@@ -32,7 +32,7 @@ def test_suite_all_smoke_and_report(mlflow_uri: str, smoke_args: list[str], tmp_
     assert len(parents) == 1
     kids = _children(client, parents[0].info.run_id, exp.experiment_id)
     assert sorted(k.data.tags["method"] for k in kids) == sorted(["vae", "vaegan", "xvaegan", "xvaegan_clin", "ours",
-                                                                  "real", "train_copy", "mean_volume"])
+                                                                  "real", "train_copy", "mean_volume", "medoid"])
     # per-method keys: training logs, clinical metrics (conditional rows), parameter groups (architecture)
     training_only = ("time", "stage.", "loss", "val_", "bac", "roi_", "active_units", "volume_", "params_")
     keys = [{k for k in kid.data.metrics if not k.startswith(training_only)} for kid in kids]

@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -363,7 +364,7 @@ def test_decoder_stage_mixes_before_upsampling_without_changing_the_map(style_di
 
 
 def test_output_template_is_the_running_mean_of_training_volumes() -> None:
-    m = _build("vae", **{"model.output_template": True})
+    m = _build("vae", **{"model.output_template": True, "model.template": "mean"})
     batches = [_batch(4, 16) for _ in range(3)]
     for step, b in enumerate(batches):
         m.training_step(b, step)
@@ -371,6 +372,64 @@ def test_output_template_is_the_running_mean_of_training_volumes() -> None:
     torch.testing.assert_close(m.G.decoder.template, want, atol=1e-5, rtol=1e-5)
     assert float(m.G.decoder.template_count) == 12.0
     assert "G.decoder.template" in m.state_dict()  # resumes keep it
+
+
+def _brains(n: int, size: int, seed: int) -> Tensor:
+    """Volumes with the data's conventions: background -4.6, a brain ball whose radius and intensity vary."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.linspace(-1, 1, size)
+    dist = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2).sqrt()
+    out = torch.full((n, 1, size, size, size), -4.6)
+    for i in range(n):
+        radius = 0.5 + 0.4 * float(torch.rand((), generator=g))
+        inside = dist < radius
+        out[i, 0][inside] = float(torch.randn((), generator=g)) + 0.3 * torch.randn(int(inside.sum()), generator=g)
+    return out
+
+
+def _medoid_reference(x: Tensor) -> Tensor:
+    """Independent of models.template: numpy, float64."""
+    a = x.double().numpy().reshape(len(x), -1)
+    return x[int(np.abs(a - a.mean(0)).mean(1).argmin())].unsqueeze(0)
+
+
+def test_medoid_template_is_the_training_volume_nearest_the_mean_and_stays_fixed() -> None:
+    from models.template import medoid_volume
+
+    x = _brains(7, 16, seed=3)
+    dataset = [{"x": v, "c": torch.zeros(7)} for v in x]
+    want = _medoid_reference(x)
+    assert not torch.equal(want, x[:1])  # the answer is not simply the first volume
+    for chunk in (1, 3, 64):  # streamed over chunks that split the split, and in one
+        torch.testing.assert_close(medoid_volume(dataset, chunk=chunk), want)
+    m = _build("vae", **{"model.output_template": True, "model.template": "medoid"})
+    m.init_from_data(dataset)
+    m.setup_ema(0.9)
+    for step in range(2):
+        m.training_step({"x": _brains(4, 16, seed=10 + step), "c": torch.randn(4, 7)}, step)
+    for decoder in (m.G.decoder, m.ema.module.decoder):
+        torch.testing.assert_close(decoder.template, want)
+    assert "G.decoder.template" in m.state_dict()
+
+
+def test_training_setup_initialises_the_template_from_the_whole_training_split(
+        smoke_overrides: dict[str, object]) -> None:
+    from benchmark.runner import prepare_stages, prepare_training
+
+    cfg = resolve("smoke", method="vae", overrides={**smoke_overrides, "model.template": "medoid"})
+    assert resolve("quick").model.template == "medoid"
+    stages = prepare_stages(cfg, progress=False)
+    method = prepare_training(cfg, stages).method
+    x, _ = stages.bundle.tensors("train")
+    torch.testing.assert_close(method.G.decoder.template, _medoid_reference(x))
+
+
+def test_medoid_template_without_init_is_the_first_batch_volume_nearest_its_mean() -> None:
+    m = _build("vae", **{"model.output_template": True, "model.template": "medoid"})
+    first = _brains(4, 16, seed=5)
+    m.training_step({"x": first, "c": torch.randn(4, 7)}, 0)
+    m.training_step({"x": _brains(4, 16, seed=6), "c": torch.randn(4, 7)}, 1)
+    torch.testing.assert_close(m.G.decoder.template, _medoid_reference(first))
 
 
 def test_template_warp_starts_near_the_template_and_is_differentiable() -> None:
