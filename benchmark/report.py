@@ -288,9 +288,12 @@ def table_rows(suite: Any, parent: RunRecord | None, kids: list[RunRecord]) -> t
     n_seeds = max((len(v) for v in by_method.values()), default=1)
     if n_seeds > 1:
         note = f"± = standard deviation over {n_seeds} seeds (independent trainings)."
-        tau = kendall_tau(suite.methods, finished, "fid_resnet18")
-        if tau is not None:
-            note += f" Kendall's tau between the seeds' FID rankings: {tau:.2f} (1 = identical rankings)."
+        # one tau per FID column: the default FID and FID (anat.) can rank rows differently (DESIGN §9)
+        taus = [(c.header, kendall_tau(suite.methods, finished, c.key)) for c in columns if c.key.startswith("fid_")]
+        taus = [(header, tau) for header, tau in taus if tau is not None]
+        if taus:
+            note += (" Kendall's tau between the seeds' rankings: " + ", ".join(f"{h} {t:.2f}" for h, t in taus)
+                     + " (1 = identical rankings).")
     else:
         note = ("± = FID: std over independent generation draws; SSIM/LPIPS: std over test subjects "
                 "(bootstrap 95% CIs in MLflow as *_ci_low/_ci_high); one training seed.")
