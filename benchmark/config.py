@@ -167,6 +167,9 @@ class ModelConfig:
     # Shallow linear paths beside the conv stacks: encoder mu += linear(x average-pooled to 1/8 resolution), decoder
     # output += upsampled linear(z) at 1/8 resolution (DESIGN §9 "Decoder learning speed").
     coarse_path: bool = False
+    # StyleGAN2's per-voxel noise input on the decoder's last stage (learned per-channel strength, initialised 0):
+    # samples can carry texture their latent does not determine; reconstructions use no noise (deterministic).
+    decoder_noise: bool = False
 
 
 @dataclass(frozen=True)

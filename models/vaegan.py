@@ -311,7 +311,7 @@ class Decoder(nn.Module):
     def __init__(self, size: int, width: float, latent_dim: int, separable: bool, bottleneck_channels: int,
                  style_dim: int | None = None, mapping_layers: int = 2, grad_checkpoint: bool = False,
                  output_template: bool = False, norm: str = "none", template_warp: bool = False,
-                 coarse_path: bool = False) -> None:
+                 coarse_path: bool = False, noise_input: bool = False) -> None:
         super().__init__()
         _check_size(size)
         self.grad_checkpoint = grad_checkpoint
@@ -328,6 +328,9 @@ class Decoder(nn.Module):
             raise ValueError("model.template_warp needs model.output_template")
         self.warp = template_warp
         self.out = nn.Conv3d(chans[0], 4 if template_warp else 1, 1)
+        # noise_input: StyleGAN2's per-voxel noise input (one N(0, 1) map per sample, a learned strength per channel,
+        # initialised 0) on the last stage's features, so that the decoder can draw texture z does not determine
+        self.noise_strength = nn.Parameter(torch.zeros(chans[0])) if noise_input else None
         # coarse_path: a shallow path z -> 1/8-resolution output channels (residual, and displacement with
         # template_warp), linear in z, added to the conv decoder's output; it learns within tens of steps where the
         # deep path needs thousands (DESIGN §9)
@@ -365,7 +368,9 @@ class Decoder(nn.Module):
             # random one (Xavier x 0.1) starts the residual near 0 and the warp near identity.
             xavier_init_(self.out, gain=RESIDUAL_OUT_GAIN)
 
-    def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, c: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """``noise`` [N, 1, S, S, S]: the noise input's draw (``model.decoder_noise``); None = no noise (the
+        deterministic reconstruction)."""
         w = None
         if self.mapping is not None:
             if c is None:
@@ -376,6 +381,8 @@ class Decoder(nn.Module):
         for stage in self.stages:
             use = self.grad_checkpoint and self.training
             h = _run(stage, use, h, w) if w is not None else _run(stage, use, h)
+        if self.noise_strength is not None and noise is not None:
+            h = h + noise.to(h.dtype) * self.noise_strength.view(1, -1, 1, 1, 1).to(h.dtype)
         out = pointwise_conv(h, self.out)
         if self.coarse is not None:
             coarse = self.coarse(z).view(z.shape[0], -1, self.base, self.base, self.base)
@@ -470,7 +477,7 @@ def build_generator(cfg: Config, variant: Variant) -> VAEGenerator:
                       m.grad_checkpoint, m.encoder_logvar_init, m.coarse_path)
     decoder = Decoder(size, m.width, m.latent_dim, variant.separable, m.bottleneck_channels,
                       m.style_dim if variant.clinical else None, m.mapping_layers, m.grad_checkpoint,
-                      m.output_template, m.decoder_norm, m.template_warp, m.coarse_path)
+                      m.output_template, m.decoder_norm, m.template_warp, m.coarse_path, m.decoder_noise)
     prior = ClinicalPrior(m.latent_dim, m.clinical_embed_dim) if variant.clinical else None
     return VAEGenerator(encoder, decoder, prior)
 
@@ -654,7 +661,7 @@ class VAEGANMethod(GenerativeMethod):
             k = mu_q.shape[1]
             eps = self.batch_noise("posterior", n, (k,), step, x.device).to(mu_q.dtype)
             z = mu_q + torch.exp(0.5 * logvar_q) * eps
-            x_hat = self.G.decoder(z, c)
+            x_hat = self.G.decoder(z, c, self._decoder_noise("decoder_noise", n, step, x.device))
             mu_p, logvar_p = self.G.prior_params(c, n, mu_q)
             terms = {"rec": l1_reconstruction(x_hat, x),
                      "kl": kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p, self.cfg.loss.kl_reduction)}
@@ -671,7 +678,8 @@ class VAEGANMethod(GenerativeMethod):
                 if m.aux_on_prior:
                     eps_p = self.batch_noise("prior", n, (k,), step, x.device).to(mu_p.dtype)
                     z_p = mu_p + torch.exp(0.5 * logvar_p) * eps_p
-                    aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c)]), torch.cat([c, c])
+                    z_noise = self._decoder_noise("decoder_noise_prior", n, step, x.device)
+                    aux_x, aux_c = torch.cat([x_hat, self.G.decoder(z_p, c, z_noise)]), torch.cat([c, c])
                 aux = self._heads.losses(aux_x, aux_c, classifier_maps=fake_maps)
                 terms["cls"], terms["reg"] = aux["cls"], aux["reg"]
             total = weighted_total(terms, weights)
@@ -687,6 +695,12 @@ class VAEGANMethod(GenerativeMethod):
             self.optimize("D", loss_d, self.cfg.train.grad_clip)
             logs[LOSS_D] = float(loss_d.detach())
         return logs
+
+    def _decoder_noise(self, kind: str, n: int, step: int, device: torch.device) -> Tensor | None:
+        """The decoder's noise input for this step (``model.decoder_noise``), a slice of the global batch's draw."""
+        if not self.cfg.model.decoder_noise:
+            return None
+        return self.batch_noise(kind, n, (1, *(self.cfg.data.size,) * 3), step, device, on_device=True)
 
     @torch.no_grad()
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -712,7 +726,12 @@ class VAEGANMethod(GenerativeMethod):
             with self.autocast():
                 mu_p, logvar_p = G.prior_params(cc, m, eps)
                 z = mu_p + torch.exp(0.5 * logvar_p) * eps
-                out.append(G.decoder(z, cc).float())
+                noise = None
+                if self.cfg.model.decoder_noise:
+                    size = (m, 1, *(self.cfg.data.size,) * 3)
+                    noise = torch.randn(size, generator=generator,
+                                        device=generator.device if generator is not None else device).to(device)
+                out.append(G.decoder(z, cc, noise).float())
         return torch.cat(out) if out else torch.empty(0, 1, *(self.cfg.data.size,) * 3, device=device)
 
     @torch.no_grad()

@@ -432,6 +432,27 @@ def test_medoid_template_without_init_is_the_first_batch_volume_nearest_its_mean
     torch.testing.assert_close(m.G.decoder.template, _medoid_reference(first))
 
 
+def test_decoder_noise_input_adds_per_voxel_noise_to_samples_not_to_reconstructions() -> None:
+    m = _build("vaegan", **{"model.decoder_noise": True})
+    dec = m.G.decoder
+    assert dec.noise_strength is not None and torch.all(dec.noise_strength == 0)  # StyleGAN2's init
+    z = torch.randn(2, m.cfg.model.latent_dim)
+    noise = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(z, None, noise), dec(z))  # strength 0: no effect yet
+        dec.noise_strength.fill_(0.5)
+        assert not torch.allclose(dec(z, None, noise), dec(z))
+    x = _brains(2, 16, seed=1)
+    m.eval()
+    torch.testing.assert_close(m.reconstruct(x), m.reconstruct(x))  # no noise in the reconstruction
+    a = m.sample(2, generator=torch.Generator().manual_seed(0))
+    b = m.sample(2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)  # the noise comes from the caller's generator
+    m.train()
+    m.training_step({"x": x, "c": torch.randn(2, 7)}, 0)
+    assert dec.noise_strength.grad is not None  # the strength is trained
+
+
 def test_template_warp_starts_near_the_template_and_is_differentiable() -> None:
     from models.vaegan import Decoder
 
