@@ -98,9 +98,9 @@ class GenerativeMethod(nn.Module):
         return {}
 
     def init_from_data(self, train: Any) -> None:
-        """Data-dependent initialisation before the first step, from the training split ``train`` (a dataset of
-        ``{"x": [1,S,S,S], "c": [7]}`` items); called once for a fresh run (a resumed one restores its state).
-        Default: nothing."""
+        """Data-dependent initialisation from the training split ``train`` (a dataset of ``{"x": [1,S,S,S],
+        "c": [7]}`` items), called once before training; a resumed run then loads its checkpoint over it, so keep
+        what it sets in buffers. Default: nothing."""
 
     def param_groups(self) -> dict[str, nn.Module]:
         """Components whose parameters are counted (paper Tables 2-3), e.g. encoder, decoder, prior, D."""

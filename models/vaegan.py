@@ -348,11 +348,11 @@ class Decoder(nn.Module):
             self.fc.bias.normal_(0.0, math.sqrt(0.5))
         xavier_init_(self.expand, gain=_expanding_gain(bottleneck_channels, chans[-1]))
         xavier_init_(self.out)
-        # Optional per-voxel output template (cfg.model.output_template): x_hat = template + g(z, c). The template is
-        # the running mean of the training volumes seen so far (a buffer, like batch norm's running statistics,
-        # updated by VAEGANMethod): a per-voxel parameter initialised to the first batch's mean stayed a 4-subject
-        # mean, whose SSIM to test volumes is below the population mean's.
-        # of the first training batch by VAEGANMethod (data-dependent init of a per-voxel output bias).
+        # Optional per-voxel output template (cfg.model.output_template): x_hat = template + g(z, c), a buffer set by
+        # VAEGANMethod. model.template="mean": the running mean of the training volumes seen so far (like batch
+        # norm's running statistics; a per-voxel parameter initialised to the first batch's mean stayed a 4-subject
+        # mean, whose SSIM to test volumes is below the population mean's); "medoid": the training subject nearest
+        # to the training mean, fixed (sharp, where the mean is blurred: DESIGN §9 "A sharp template").
         self.register_buffer("template", torch.zeros(1, 1, size, size, size) if output_template else None)
         if output_template:
             self.register_buffer("template_count", torch.zeros(()))
