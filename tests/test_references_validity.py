@@ -144,6 +144,23 @@ def test_kendall_tau_between_seed_rankings() -> None:
     assert kendall_tau(("a", "b", "c"), flipped, "fid_resnet18") == pytest.approx(-1.0)
 
 
+def test_seed_note_gives_kendall_tau_per_fid_column() -> None:
+    """The default FID and FID (anat.) can rank rows differently; the note gives each its own tau."""
+    from dataclasses import replace
+
+    from benchmark.catalog import load_all
+    from benchmark.registry import SUITES
+    from benchmark.report import table_rows
+
+    load_all()
+    suite = replace(SUITES.get("table2"), methods=("a", "b", "c"), references=())
+    order = {"a": 1.0, "b": 5.0, "c": 9.0}
+    kids = [_run(m, seed, fid_resnet18=v, fid_resnet18anat=(v if seed == 0 else 10.0 - v))
+            for m, v in order.items() for seed in range(2)]
+    _, _, note = table_rows(suite, None, kids)
+    assert "Kendall's tau between the seeds' rankings: FID 1.00, FID (anat.) -1.00 (1 = identical rankings)." in note
+
+
 def test_metric_order_never_changes_a_value(smoke, tmp_path) -> None:  # noqa: ANN001
     """The same metric list in two orders, with fid_medicalnet18 (weights from a small file made here) in the
     middle, gives identical values: no metric changes the context or what later metrics use."""
