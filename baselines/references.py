@@ -11,7 +11,7 @@ A number in Tables 2-4 means something only beside what trivial answers score on
   generator reaches by copying its training data; ``nn_ratio`` flags it.
 - ``mean_volume``: the voxel-wise mean of the training split for every request (conditional in name only, so the
   clinical columns show what ignoring the request scores: BAC 50 %).
-- ``medoid``: the training subject nearest to the training mean (:func:`models.template.medoid_volume`) for every
+- ``medoid``: the training subject nearest to the training mean (:func:`models.template.nearest_to_mean`) for every
   request: one sharp real brain, the template quick's VAE-GAN rows warp (``model.template``). What a generator
   scores beyond it is what it learned beyond its template; at quick it alone scores FID 5.91 against the mean
   volume's 9.91 (DESIGN §9 "A sharp template").
@@ -37,7 +37,7 @@ from benchmark.config import Config
 from benchmark.registry import METHODS
 from metrics.triplanar import brain_mask
 from models.base import GenerativeMethod
-from models.template import medoid_volume
+from models.template import nearest_to_mean
 
 REFERENCE_METHODS = ("real", "train_copy", "mean_volume", "medoid", "mean_noise")
 
@@ -126,7 +126,7 @@ class Medoid(ReferenceMethod):
 
     def fit(self, bundle: Any) -> Medoid:
         super().fit(bundle)
-        self._medoid = medoid_volume(bundle.dataset("train"))
+        self._medoid = nearest_to_mean(self.train_volumes)  # the split is in memory already: no second read
         return self
 
     def sample(self, n: int, c: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:

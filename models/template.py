@@ -10,7 +10,7 @@ every edge in place and the least displacement to reach the others: the classic 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 def nearest_to_mean(volumes: Tensor) -> Tensor:
     """[1, 1, S, S, S]: the volume of ``volumes`` [N, 1, S, S, S] with the least mean absolute difference to their
-    voxel-wise mean (the first on ties)."""
-    mean = volumes.mean(dim=0, keepdim=True)
-    distance = (volumes - mean).abs().flatten(1).mean(dim=1)
+    voxel-wise mean (the first on ties; in float64, as :func:`medoid_volume`)."""
+    v = volumes.double()
+    distance = (v - v.mean(dim=0, keepdim=True)).abs().flatten(1).mean(dim=1)
     return volumes[int(distance.argmin())].unsqueeze(0).clone()
 
 
@@ -31,15 +31,14 @@ def medoid_volume(dataset: Sequence[dict[str, Any]], chunk: int = 64) -> Tensor:
     n = len(dataset)
     if n == 0:
         raise ValueError("medoid_volume: the training split is empty")
-    total: Tensor | None = None
-    for start in range(0, n, chunk):
-        batch = torch.stack([dataset[i]["x"] for i in range(start, min(n, start + chunk))]).double()
-        total = batch.sum(0) if total is None else total + batch.sum(0)
-    assert total is not None
-    mean = total / n
+
+    def chunks() -> Iterator[tuple[int, Tensor]]:
+        for start in range(0, n, chunk):
+            yield start, torch.stack([dataset[i]["x"] for i in range(start, min(n, start + chunk))]).double()
+
+    mean = sum(batch.sum(0) for _, batch in chunks()) / n
     best, best_index = float("inf"), 0
-    for start in range(0, n, chunk):
-        batch = torch.stack([dataset[i]["x"] for i in range(start, min(n, start + chunk))]).double()
+    for start, batch in chunks():
         distance = (batch - mean).abs().flatten(1).mean(dim=1)
         i = int(distance.argmin())
         if float(distance[i]) < best:
